@@ -1,0 +1,37 @@
+"""`mlxring` command line: one dispatcher, each command a module in `mlxring.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mlxring.errors import user_errors
+
+COMMANDS = {
+    "plan": "Show how a cluster splits a model's layers, before starting anything.",
+    "generate": "Generate from one prompt (single node, a local ring, or a cluster).",
+    "make-tiny": "Write a tiny random-weight model of a real architecture (tests, demo).",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlxring", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"mlxring.commands.{name.replace('-', '_')}")
+        module.setup_arg_parser(sub.add_parser(name, help=help_text, description=help_text))
+        modules[name] = module
+    args = parser.parse_args(argv)
+    try:
+        return modules[args.command].main(args) or 0
+    except user_errors() as e:
+        print(f"mlxring {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

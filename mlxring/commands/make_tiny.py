@@ -1,0 +1,35 @@
+"""`mlxring make-tiny`: a tiny random-weight checkpoint of a real architecture."""
+
+from __future__ import annotations
+
+import argparse
+
+from mlxring.errors import UserError
+
+
+def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
+    from mlxring.tiny import FAMILIES
+
+    parser.add_argument("--family", choices=FAMILIES, default="llama")
+    parser.add_argument("--out", required=True, help="directory to write (created)")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size")
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP size (2 x hidden)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        from mlxring.tiny import make_tiny
+    except ImportError as e:
+        raise UserError(
+            f"make-tiny needs the torch extra ({e}): pip install 'mlxring[torch]'"
+        ) from e
+    if args.layers < 1 or args.hidden % args.heads:
+        raise UserError("--layers must be >= 1 and --hidden a multiple of --heads")
+    out = make_tiny(
+        args.family, args.out, args.layers, args.hidden, args.intermediate, args.heads, args.seed
+    )
+    print(f"wrote a tiny {args.family} model ({args.layers} layers) to {out}")
+    return 0

@@ -1,0 +1,256 @@
+"""Layer plan: which contiguous layer range each ring node holds, and whether it fits.
+
+Pure functions and frozen dataclasses: no I/O, no mlx.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import pairwise
+
+GIB = 2**30
+
+
+class PlanError(ValueError):
+    """A layer plan that cannot work; the message is one sentence for the user."""
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """Weight bytes of a model: one entry per transformer layer, plus the head's tensors."""
+
+    layer_bytes: tuple[int, ...]  # index = absolute layer
+    head_bytes: int  # embedding + final norm + lm_head, held by the head node
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bytes)
+
+
+@dataclass(frozen=True)
+class NodeBudget:
+    """One node's memory budget, and its explicit half-open layer range if the config gives one."""
+
+    name: str
+    memory_bytes: int
+    reserve_bytes: int
+    layers: tuple[int, int] | None = None
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.memory_bytes - self.reserve_bytes
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The half-open layer range [start, end) one node holds, and what it weighs."""
+
+    name: str
+    start: int
+    end: int
+    weight_bytes: int  # the node's layers, plus head_bytes on the head
+    usable_bytes: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def share(self) -> float:
+        return self.weight_bytes / self.usable_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Assignments in ring order; the first node is the head."""
+
+    num_layers: int
+    assignments: tuple[Assignment, ...]
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict: the layer count and each node's range and bytes."""
+        return {
+            "num_layers": self.num_layers,
+            "nodes": [
+                {
+                    "name": a.name,
+                    "layers": [a.start, a.end],
+                    "weight_bytes": a.weight_bytes,
+                    "usable_bytes": a.usable_bytes,
+                }
+                for a in self.assignments
+            ],
+        }
+
+
+def split_layers(num_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:
+    """Split layers into contiguous half-open ranges, in ring order, proportional to weights.
+
+    Largest remainder over water-filled shares: every node gets at least one layer and
+    is within one layer of its ideal share; ties go to the earlier ring position.
+    """
+    n = len(weights)
+    if n == 0:
+        raise PlanError("cannot split layers over no nodes; the cluster needs at least one node")
+    for i, w in enumerate(weights):
+        if not w > 0 or w == math.inf:
+            raise PlanError(
+                f"the weight at ring position {i} is {w}; every node's weight must be "
+                "positive and finite"
+            )
+    if num_layers < n:
+        raise PlanError(
+            f"cannot split {num_layers} layers over {n} nodes; every node needs at least one "
+            f"layer, so use at most {num_layers} nodes"
+        )
+    ideal = _ideal_shares(num_layers, [Fraction(w) for w in weights])
+    counts = [math.floor(x) for x in ideal]
+    left = num_layers - sum(counts)
+    by_remainder = sorted(range(n), key=lambda i: (counts[i] - ideal[i], i))
+    for i in by_remainder[:left]:
+        counts[i] += 1
+    return _ranges(counts)
+
+
+def _ideal_shares(num_layers: int, weights: list[Fraction]) -> list[Fraction]:
+    # Water-filling: a node whose share is below one layer gets exactly one, and the
+    # rest is re-split among the others; fixing a node only lowers the others' shares.
+    n = len(weights)
+    fixed = [False] * n
+    while True:
+        active = [i for i in range(n) if not fixed[i]]
+        rest = num_layers - (n - len(active))
+        total = sum(weights[i] for i in active)
+        low = [i for i in active if rest * weights[i] < total]
+        if not low:
+            break
+        for i in low:
+            fixed[i] = True
+    return [Fraction(1) if fixed[i] else rest * weights[i] / total for i in range(n)]
+
+
+def _ranges(counts: list[int]) -> list[tuple[int, int]]:
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append((start, start + c))
+        start += c
+    return ranges
+
+
+def make_plan(footprint: ModelFootprint, nodes: Sequence[NodeBudget]) -> Plan:
+    """Assign layer ranges to nodes in ring order (nodes[0] is the head) and check they fit.
+
+    Explicit ranges are used when every node has one; otherwise layers are split in
+    proportion to usable memory, less the head's embedding and lm_head on the head.
+    """
+    if not nodes:
+        raise PlanError("the cluster has no nodes; define at least one node")
+    for node in nodes:
+        if node.usable_bytes <= 0:
+            raise PlanError(
+                f"node {node.name!r} has no usable memory ({_gb(node.memory_bytes)} GB with a "
+                f"{_gb(node.reserve_bytes)} GB reserve); add memory or lower its reserve_gb"
+            )
+    head = nodes[0]
+    if head.usable_bytes <= footprint.head_bytes:
+        raise PlanError(
+            f"head node {head.name!r} cannot even hold the embedding and lm_head: they need "
+            f"{_gb(footprint.head_bytes)} GB and it has {_gb(head.usable_bytes)} GB usable; "
+            "put a node with more memory first, or lower its reserve_gb"
+        )
+    ranges = _explicit_ranges(footprint.num_layers, nodes)
+    if ranges is None:
+        weights = [n.usable_bytes for n in nodes]
+        weights[0] -= footprint.head_bytes
+        ranges = split_layers(footprint.num_layers, weights)
+    assignments = tuple(
+        Assignment(
+            name=node.name,
+            start=start,
+            end=end,
+            weight_bytes=sum(footprint.layer_bytes[start:end])
+            + (footprint.head_bytes if i == 0 else 0),
+            usable_bytes=node.usable_bytes,
+        )
+        for i, (node, (start, end)) in enumerate(zip(nodes, ranges, strict=True))
+    )
+    _check_fit(assignments)
+    return Plan(num_layers=footprint.num_layers, assignments=assignments)
+
+
+def _explicit_ranges(num_layers: int, nodes: Sequence[NodeBudget]) -> list[tuple[int, int]] | None:
+    # Returns None when no node gives layers; checks the ranges when all of them do.
+    given = [n for n in nodes if n.layers is not None]
+    if not given:
+        return None
+    if len(given) < len(nodes):
+        missing = ", ".join(repr(n.name) for n in nodes if n.layers is None)
+        raise PlanError(
+            f"some nodes give explicit layers and some do not (missing on {missing}); "
+            "give layers on every node or on none"
+        )
+    model = f"the model has {num_layers} layers (0-{num_layers - 1})"
+    for n in nodes:
+        start, end = n.layers
+        if end <= start:
+            raise PlanError(
+                f"node {n.name!r} has the empty layer range [{start}, {end}); "
+                "every node needs at least one layer"
+            )
+        if start < 0 or end > num_layers:
+            raise PlanError(f"node {n.name!r} has layers {_incl(start, end)} but {model}")
+    first = nodes[0]
+    if first.layers[0] != 0:
+        raise PlanError(
+            f"the head node {first.name!r} has layers {_incl(*first.layers)} but the first "
+            "node in the ring must start at layer 0"
+        )
+    for prev, node in pairwise(nodes):
+        (ps, pe), (s, e) = prev.layers, node.layers
+        if s < ps:
+            raise PlanError(
+                f"node {node.name!r} (layers {_incl(s, e)}) comes after node {prev.name!r} "
+                f"(layers {_incl(ps, pe)}) in the ring; list layer ranges in ring order"
+            )
+        if s < pe:
+            raise PlanError(
+                f"nodes {prev.name!r} and {node.name!r} both hold layers "
+                f"{_incl(s, min(pe, e))}; layer ranges must not overlap"
+            )
+        if s > pe:
+            raise PlanError(
+                f"layers {_incl(pe, s)} are held by no node (a gap between node {prev.name!r} "
+                f"and node {node.name!r}); ranges must be contiguous"
+            )
+    last = nodes[-1]
+    if last.layers[1] != num_layers:
+        raise PlanError(
+            f"layers {_incl(last.layers[1], num_layers)} are held by no node: the last node "
+            f"{last.name!r} ends at layer {last.layers[1] - 1} but {model}"
+        )
+    return [n.layers for n in nodes]
+
+
+def _check_fit(assignments: Sequence[Assignment]) -> None:
+    short = [
+        f"node {a.name!r} is short by {_gb(a.weight_bytes - a.usable_bytes)} GB "
+        f"(needs {_gb(a.weight_bytes)} GB, has {_gb(a.usable_bytes)} GB usable)"
+        for a in assignments
+        if a.weight_bytes > a.usable_bytes
+    ]
+    if short:
+        raise PlanError(
+            f"model does not fit: {'; '.join(short)}; add memory, lower reserve_gb, or add nodes"
+        )
+
+
+def _gb(num_bytes: int) -> str:
+    return f"{num_bytes / GIB:.1f}"
+
+
+def _incl(start: int, end: int) -> str:
+    # Half-open [start, end) as the inclusive numbers users read: "30-40", or "7" alone.
+    return str(start) if end - start == 1 else f"{start}-{end - 1}"

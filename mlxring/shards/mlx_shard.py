@@ -1,0 +1,115 @@
+"""The MLX shard: one contiguous range of an mlx-lm model's layers.
+
+A shard builds mlx-lm's own model class (parameters stay lazy, nothing is
+allocated), drops every layer outside its range and, off the head, the
+embedding, final norm and lm_head; then it loads only its own tensors through
+mlx-lm's `sanitize` and quantization, and evaluates them. Families subclass it
+and supply the forward of their range.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes, infer_quant_config, load_config
+
+from mlxring.weights import CheckpointError, layer_index, load_subset
+
+
+class Absent(nn.Module):
+    """Stands where a layer or head module of another stage would be; holds nothing."""
+
+
+class MlxShard:
+    """Layers [start, end) of a model; the head (`is_head`) also embeds and projects."""
+
+    def __init__(self, model: nn.Module, config: dict, start: int, end: int, is_head: bool):
+        self.model = model
+        self.args = model.args
+        self.config = config
+        self.start, self.end, self.is_head = start, end, is_head
+        self.layers = model.layers[start:end]
+
+    # family hooks ---------------------------------------------------------
+    def drop_head_modules(self) -> None:
+        """Replace the embedding, final norm and lm_head by `Absent` (non-head stages)."""
+        raise NotImplementedError
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def __call__(self, h: mx.array, cache: list) -> mx.array:
+        raise NotImplementedError
+
+    def logits(self, h: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def make_cache(self) -> list:
+        raise NotImplementedError
+
+    # loading --------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    def keeps(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to this shard."""
+        i = layer_index(name)
+        return self.is_head if i is None else self.start <= i < self.end
+
+    @classmethod
+    def load(cls, model_dir: str | Path, start: int, end: int, is_head: bool) -> MlxShard:
+        """Build the shard for layers [start, end) and load its weights from `model_dir`."""
+        model_dir = Path(model_dir)
+        config = load_config(model_dir)
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+        shard = cls(model, config, start, end, is_head)
+        num_layers = shard.num_layers
+        if not 0 <= start < end <= num_layers:
+            raise CheckpointError(
+                f"layers {start}-{end - 1} are out of range: the model has {num_layers} "
+                f"layers (0-{num_layers - 1})"
+            )
+        for i in range(num_layers):
+            if not start <= i < end:
+                model.layers[i] = Absent()
+        if not is_head:
+            shard.drop_head_modules()
+        weights = load_subset(model_dir, shard.keeps)
+        if hasattr(model, "sanitize"):
+            weights = model.sanitize(weights)
+        if quantization := config.get("quantization"):
+            quantize(model, quantization, weights)
+        try:
+            model.load_weights(list(weights.items()), strict=True)
+        except ValueError as e:
+            raise CheckpointError(f"{model_dir}: weights do not match the model: {e}") from e
+        mx.eval(model.parameters())
+        return shard
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+
+def quantize(model: nn.Module, quantization: dict, weights: dict) -> None:
+    """Quantize the modules whose checkpoint tensors are quantized, as mlx-lm does."""
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )

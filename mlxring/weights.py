@@ -1,0 +1,104 @@
+"""Checkpoint files: which tensor lives where, how big it is, and loading a subset.
+
+A shard reads only the files that hold its own tensors, found through
+`model.safetensors.index.json`; files holding only other layers are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from mlxring.plan import ModelFootprint
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
+    "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be used, with a message naming the fix."""
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer layer a tensor belongs to (`model.layers.7.mlp...` -> 7), or None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: no config.json; point --model at a model directory")
+    return json.loads(path.read_text())
+
+
+def weight_map(model_dir: str | Path) -> dict[str, str]:
+    """Tensor name -> file name, from the index (or the single file's header)."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return dict.fromkeys(read_header(single), SINGLE_FILE)
+    raise CheckpointError(f"{model_dir}: no {INDEX_FILE} or {SINGLE_FILE} found")
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The safetensors header of one file: tensor name -> {dtype, shape, data_offsets}."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def tensor_bytes(model_dir: str | Path) -> dict[str, int]:
+    """Tensor name -> size in bytes, read from the safetensors headers only."""
+    model_dir = Path(model_dir)
+    sizes: dict[str, int] = {}
+    for file in sorted(set(weight_map(model_dir).values())):
+        for name, info in read_header(model_dir / file).items():
+            start, end = info["data_offsets"]
+            sizes[name] = end - start
+    return sizes
+
+
+def footprint(model_dir: str | Path) -> ModelFootprint:
+    """Weight bytes per layer and of the head-only tensors (embedding, norm, lm_head)."""
+    config = read_config(model_dir)
+    config = config.get("text_config", config)
+    num_layers = int(config["num_hidden_layers"])
+    layer_bytes = [0] * num_layers
+    head_bytes = 0
+    for name, size in tensor_bytes(model_dir).items():
+        i = layer_index(name)
+        if i is None:
+            head_bytes += size
+        elif i < num_layers:
+            layer_bytes[i] += size
+    return ModelFootprint(layer_bytes=tuple(layer_bytes), head_bytes=head_bytes)
+
+
+def load_subset(model_dir: str | Path, keep: Callable[[str], bool]) -> dict:
+    """Lazily load the tensors for which `keep(name)` holds, opening only their files."""
+    import mlx.core as mx
+
+    model_dir = Path(model_dir)
+    files: dict[str, list[str]] = {}
+    for name, file in weight_map(model_dir).items():
+        if keep(name):
+            files.setdefault(file, []).append(name)
+    weights = {}
+    for file, names in sorted(files.items()):
+        arrays = mx.load(str(model_dir / file))  # lazy: only evaluated tensors are read
+        weights.update((n, arrays[n]) for n in names)
+    return weights
