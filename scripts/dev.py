@@ -45,6 +45,7 @@ def setup() -> None:
 
 
 def demo() -> None:
+    print("demo: a tiny random-weight Llama, so the reply is noise; the machinery is real")
     if not (DEMO_MODEL / "config.json").is_file():
         run(BIN / "mlxring", "make-tiny", "--family", "llama", "--out", DEMO_MODEL)
     run(BIN / "mlxring", "generate", "--model", DEMO_MODEL, "--prompt", DEMO_PROMPT,
