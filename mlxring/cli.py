@@ -11,6 +11,7 @@ from mlxring.errors import user_errors
 COMMANDS = {
     "plan": "Show how a cluster splits a model's layers, before starting anything.",
     "generate": "Generate from one prompt (single node, a local ring, or a cluster).",
+    "launch": "Start every rank of a cluster defined in a YAML file.",
     "make-tiny": "Write a tiny random-weight model of a real architecture (tests, demo).",
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from mlxring.config import ClusterConfig, NodeConfig
@@ -28,13 +29,50 @@ def node_budget(index: int, node: NodeConfig, detected_bytes: int | None) -> Nod
     return NodeBudget(node.name, memory, int(node.reserve_gb * GIB), node.layers)
 
 
-def cluster_plan(cluster: ClusterConfig, model_dir: str | Path) -> Plan:
-    """Split `model_dir`'s layers over the cluster's nodes; local `auto` nodes use this machine."""
+def cluster_plan(
+    cluster: ClusterConfig,
+    model_dir: str | Path,
+    detect_remote: Callable[[NodeConfig], int] | None = None,
+) -> Plan:
+    """Split `model_dir`'s layers over the cluster's nodes.
+
+    `memory_gb: auto` on a local node is this machine's memory; on a remote node
+    it is `detect_remote(node)`, or an error when no detector is given.
+    """
     from mlxring.weights import footprint
 
-    local = local_memory_bytes()
-    budgets = [
-        node_budget(i, node, local if node.is_local else None)
-        for i, node in enumerate(cluster.nodes)
-    ]
+    def detected(node: NodeConfig) -> int | None:
+        if node.memory_gb != "auto":
+            return None
+        if node.is_local:
+            return local_memory_bytes()
+        return detect_remote(node) if detect_remote else None
+
+    budgets = [node_budget(i, node, detected(node)) for i, node in enumerate(cluster.nodes)]
     return make_plan(footprint(model_dir), budgets)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", GIB), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def plan_table(cluster: ClusterConfig, plan: Plan, model: str | Path) -> str:
+    """A table per node: name, host, usable memory, layers, weight size, share of memory."""
+    rows = [("node", "host", "memory", "layers", "weights", "share")]
+    for node, a in zip(cluster.nodes, plan.assignments):
+        rows.append((
+            a.name,
+            node.host,
+            f"{human_bytes(a.usable_bytes)} usable",
+            f"{a.start}-{a.end - 1} ({a.num_layers})",
+            human_bytes(a.weight_bytes),
+            f"{a.share:.1%}",
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{cluster.name}: {plan.num_layers} layers of {model} over {len(rows) - 1} nodes"]
+    for r in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)

@@ -72,6 +72,9 @@ class NodeConfig:
     device: str = "gpu"
     layers: tuple[int, int] | None = None
     ssh: str | None = None
+    python: str | None = None  # interpreter on the node; default: the launcher's
+    cwd: str | None = None  # working directory on the node; default: the launcher's
+    rdma: tuple[str | None, ...] | None = None  # jaccl: RDMA device to each rank, None to self
 
     @property
     def is_local(self) -> bool:
@@ -183,6 +186,13 @@ def _api_keys(value: object, path: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise _expected(path, "a list of strings", value)
     return tuple(_text()(key, f"{path}[{i}]") for i, key in enumerate(value))
+
+
+def _rdma(value: object, path: str) -> tuple[str | None, ...]:
+    ok = isinstance(value, list) and all(v is None or isinstance(v, str) for v in value)
+    if not ok or not value:
+        raise _expected(path, "a list of RDMA device names, one per rank (null for itself)", value)
+    return tuple(value)
 
 
 def parse_layers(value: object, path: str) -> tuple[int, int]:
@@ -302,6 +312,9 @@ _NODE_FIELDS: dict[str, Parser] = {
     "device": _choice(*DEVICES),
     "layers": parse_layers,
     "ssh": _text(),
+    "python": _text(),
+    "cwd": _text(),
+    "rdma": _rdma,
 }
 _API_FIELDS: dict[str, Parser] = {
     "host": _text(_HOST_WHAT, _HOST),
@@ -322,7 +335,15 @@ _CLUSTER_FIELDS: dict[str, Parser] = {
 
 def parse_config(data: object) -> ClusterConfig:
     """Validate a parsed YAML object into a ClusterConfig."""
-    return ClusterConfig(**_section(data, "", _CLUSTER_FIELDS, required=("name", "nodes")))
+    cluster = ClusterConfig(**_section(data, "", _CLUSTER_FIELDS, required=("name", "nodes")))
+    if cluster.backend == "jaccl":
+        for i, node in enumerate(cluster.nodes):
+            if node.rdma is None or len(node.rdma) != len(cluster.nodes):
+                raise ConfigError(
+                    f"nodes[{i}].rdma: backend jaccl needs a list of {len(cluster.nodes)} RDMA "
+                    f"device names (one per rank, null for itself), got {_show(node.rdma)}"
+                )
+    return cluster
 
 
 def load_config(path: str | Path) -> ClusterConfig:

@@ -19,6 +19,10 @@ class LocalChain:
 
     def __init__(self, stages: Sequence):
         self.stages = list(stages)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sequence: fresh caches on every stage."""
         self.caches = [stage.make_cache() for stage in self.stages]
 
     @property

@@ -11,7 +11,7 @@ import pytest
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
-from mlxring.commands.generate import encode_prompt
+from mlxring.jobs import encode_prompt
 
 PROMPT = "Tell me about the ring"
 

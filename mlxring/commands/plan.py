@@ -6,14 +6,6 @@ import argparse
 import json
 
 from mlxring.errors import UserError
-from mlxring.plan import GIB
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GB", GIB), ("MB", 2**20), ("KB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +15,7 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlxring.cluster import cluster_plan
+    from mlxring.cluster import cluster_plan, plan_table
     from mlxring.config import load_config
 
     cluster = load_config(args.config)
@@ -34,18 +26,5 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_json()))
         return 0
-    rows = [("node", "host", "memory", "layers", "weights", "share")]
-    for node, a in zip(cluster.nodes, plan.assignments):
-        rows.append((
-            a.name,
-            node.host,
-            f"{a.usable_bytes / GIB:.1f} GB usable",
-            f"{a.start}-{a.end - 1} ({a.num_layers})",
-            human_bytes(a.weight_bytes),
-            f"{a.share:.1%}",
-        ))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"{cluster.name}: {plan.num_layers} layers of {model} over {len(rows) - 1} nodes")
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    print(plan_table(cluster, plan, model))
     return 0

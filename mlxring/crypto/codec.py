@@ -1,0 +1,52 @@
+"""Activations <-> bytes: a small header (dtype, shape) and the raw little-endian data.
+
+The codec keeps the dtype the stage computed in (fp32, fp16, bf16): nothing is
+widened on the wire.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import mlx.core as mx
+import numpy as np
+
+DTYPES = {0: mx.float32, 1: mx.float16, 2: mx.bfloat16, 3: mx.int32, 4: mx.uint8}
+CODES = {dtype: code for code, dtype in DTYPES.items()}
+_HEAD = struct.Struct("<BB")  # dtype code, ndim; then ndim x uint32 dims
+MAX_NDIM = 8
+
+
+class CodecError(ValueError):
+    """Bytes that do not describe an activation tensor."""
+
+
+def encode(x: mx.array) -> bytes:
+    """Header + data bytes of `x`."""
+    if x.dtype not in CODES:
+        raise CodecError(f"cannot encode dtype {x.dtype}")
+    head = _HEAD.pack(CODES[x.dtype], x.ndim) + struct.pack(f"<{x.ndim}I", *x.shape)
+    data = np.asarray(mx.contiguous(x).view(mx.uint8)) if x.size else np.empty(0, np.uint8)
+    return head + data.tobytes()
+
+
+def decode(buf: bytes | memoryview) -> mx.array:
+    """The tensor `encode` made; raises CodecError on a malformed buffer."""
+    buf = memoryview(buf)
+    if len(buf) < _HEAD.size:
+        raise CodecError("activation header is truncated")
+    code, ndim = _HEAD.unpack_from(buf)
+    if code not in DTYPES or ndim > MAX_NDIM:
+        raise CodecError(f"bad activation header (dtype code {code}, ndim {ndim})")
+    offset = _HEAD.size + 4 * ndim
+    if len(buf) < offset:
+        raise CodecError("activation shape is truncated")
+    shape = struct.unpack_from(f"<{ndim}I", buf, _HEAD.size)
+    dtype = DTYPES[code]
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.size
+    if len(buf) - offset != nbytes:
+        raise CodecError(
+            f"activation of shape {shape} needs {nbytes} bytes, got {len(buf) - offset}"
+        )
+    raw = mx.array(np.frombuffer(buf[offset:], dtype=np.uint8))
+    return raw.view(dtype).reshape(shape)

@@ -1,0 +1,165 @@
+"""Start every rank of a cluster: the hostfile, each node's exact command, supervision.
+
+Local nodes (`localhost`) run as child processes; remote nodes are started over
+ssh as `mlx.launch` does: a small shell script sets the working directory, the
+mlx.distributed environment (`MLX_RANK`, `MLX_HOSTFILE`, or JACCL's variables,
+whose files it writes on the node) and execs `python -m mlxring.node`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxring.config import ClusterConfig, NodeConfig, load_config
+from mlxring.errors import UserError
+from mlxring.plan import Plan, split_layers
+
+DEFAULT_PORT = 40000  # remote nodes without a port: DEFAULT_PORT + rank
+SSH = os.environ.get("MLXRING_SSH", "ssh -o BatchMode=yes")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """How to start one rank: where, with which command, environment and files."""
+
+    rank: int
+    node: NodeConfig
+    argv: tuple[str, ...]  # python -m mlxring.node ...
+    env: dict[str, str]  # set on the node
+    files: dict[str, str]  # env var -> content of a file written on the node
+    cwd: str
+
+    @property
+    def remote(self) -> bool:
+        """Started over ssh: the node names an ssh target or is not this machine."""
+        return self.node.ssh is not None or not self.node.is_local
+
+    def script(self) -> str:
+        """The shell script that starts this rank on its node (what ssh runs)."""
+        lines = [f"cd {shlex.quote(self.cwd)} || exit 1"]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        for var, content in sorted(self.files.items()):
+            # the node deletes these once mlx.distributed has read them (MLXRING_TEMP_FILES)
+            lines.append(f"f=$(mktemp) && printf %s {shlex.quote(content)} > $f")
+            lines.append(f'export {var}=$f MLXRING_TEMP_FILES="$MLXRING_TEMP_FILES $f"')
+        lines.append("printf '\\036@mlxring pid %s\\n' $$ >&2")
+        lines.append("exec " + shlex.join(self.argv))
+        return "; ".join(lines)
+
+    def command(self) -> list[str]:
+        """The command the launcher runs: ssh for remote nodes, the script under bash locally."""
+        if self.remote:
+            return [*shlex.split(SSH), self.node.ssh or self.node.host, self.script()]
+        return ["bash", "-c", self.script()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ring_address(rank: int, node: NodeConfig) -> str:
+    """`ip:port` of a rank for the ring hostfile (the ring backend wants IPs)."""
+    if node.is_local:
+        return f"127.0.0.1:{node.port or free_port()}"
+    try:
+        ip = socket.gethostbyname(node.host)
+    except OSError as e:
+        raise UserError(f"node {node.name!r}: cannot resolve host {node.host!r} ({e})") from e
+    return f"{ip}:{node.port or DEFAULT_PORT + rank}"
+
+
+def rank_specs(
+    cluster: ClusterConfig, plan: Plan, model: str, job: str, job_options: dict
+) -> list[RankSpec]:
+    """One RankSpec per node, in ring order; rank 0 (the head) runs `job`."""
+    size = len(cluster.nodes)
+    env_all: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    files: dict[str, str] = {}
+    if size > 1 and cluster.backend == "ring":
+        hostfile = [[ring_address(r, n)] for r, n in enumerate(cluster.nodes)]
+        files["MLX_HOSTFILE"] = json.dumps(hostfile)
+    elif size > 1:  # jaccl: a coordinator on the head, RDMA devices per rank
+        head = ring_address(0, cluster.head)
+        env_all["MLX_JACCL_COORDINATOR"] = head
+        env_all["MLX_WORLD_SIZE"] = str(size)
+        files["MLX_IBV_DEVICES"] = json.dumps([list(n.rdma or ()) for n in cluster.nodes])
+    specs = []
+    for rank, (node, a) in enumerate(zip(cluster.nodes, plan.assignments)):
+        python = node.python or (sys.executable if node.is_local else "python3")
+        argv = [python, "-m", "mlxring.node", "--name", node.name, "--model", model,
+                "--layers", str(a.start), str(a.end), "--backend", cluster.backend]  # fmt: skip
+        if rank == 0:
+            argv += ["--job", job, "--job-args", json.dumps(job_options)]
+        env = {**env_all, "MLX_RANK": str(rank)}
+        if node.is_local:  # run this very mlxring, installed or not
+            env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        specs.append(RankSpec(rank, node, tuple(argv), env, files, node.cwd or os.getcwd()))
+    return specs
+
+
+def local_ring(ranks: int, num_layers: int) -> ClusterConfig:
+    """A cluster of `ranks` local processes with an even split of `num_layers`."""
+    if not 1 <= ranks <= num_layers:
+        raise UserError(f"--ranks must be between 1 and the model's {num_layers} layers")
+    spans = split_layers(num_layers, [1] * ranks)
+    nodes = tuple(
+        NodeConfig(name=f"rank{r}", host="localhost", memory_gb="auto", layers=span)
+        for r, span in enumerate(spans)
+    )
+    return ClusterConfig(name=f"local-{ranks}", nodes=nodes)
+
+
+def remote_memory_bytes(node: NodeConfig) -> int:
+    """Ask a remote node for its physical memory over ssh (`memory_gb: auto`)."""
+    code = "import os; print(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))"
+    cmd = [
+        *shlex.split(SSH),
+        node.ssh or node.host,
+        shlex.join([node.python or "python3", "-c", code]),
+    ]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True)
+        return int(out.stdout.strip())
+    except (subprocess.SubprocessError, ValueError, OSError) as e:
+        raise UserError(
+            f"node {node.name!r}: cannot detect its memory over ssh ({e}); set memory_gb"
+        ) from e
+
+
+def resolve(
+    config: str | None, ranks: int | None, model: str | None
+) -> tuple[ClusterConfig, str, Plan]:
+    """The cluster, model directory and plan a launch runs."""
+    from mlxring.cluster import cluster_plan
+    from mlxring.shards import num_layers
+
+    cluster = load_config(config) if config else None
+    model = model or (cluster.model if cluster else None)
+    if not model:
+        raise UserError("no model: pass --model (or set 'model:' in the cluster config)")
+    if not os.path.isdir(model) and (cluster is None or cluster.head.is_local):
+        raise UserError(f"model {model}: no such directory")
+    if cluster is None:
+        cluster = local_ring(ranks or 1, num_layers(model))
+    plan = cluster_plan(cluster, model, remote_memory_bytes)
+    return cluster, model, plan
+
+
+def launch_job(
+    config: str | None, ranks: int | None, model: str | None, job: str, job_options: dict
+) -> int:
+    """Start the ring, run `job` on the head, stop every rank; the exit code of the whole."""
+    from mlxring.supervise import Supervisor
+
+    cluster, model, plan = resolve(config, ranks, model)
+    specs = rank_specs(cluster, plan, model, job, job_options)
+    return Supervisor(specs, head_output_raw=job == "generate").run()

@@ -1,0 +1,209 @@
+"""Run the ranks of a ring and watch them: prefixed output, readiness, failure, teardown.
+
+Every rank runs in its own process group. When any rank dies or fails to
+start, the supervisor names the node and why, stops every other rank (SIGTERM,
+then SIGKILL) and returns non-zero; nothing it started is left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from mlxring.launch import SSH, RankSpec
+from mlxring.node import CONTROL, EXIT_PEER_LOST
+
+STARTUP_TIMEOUT = 300.0  # loading a large model's shard takes a while
+STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
+POLL = 0.05
+
+
+class Rank:
+    """One started rank: its process, readiness and the last error it reported."""
+
+    def __init__(self, spec: RankSpec, proc: subprocess.Popen):
+        self.spec, self.proc = spec, proc
+        self.ready = False
+        self.remote_pid: int | None = None
+        self.error: str | None = None
+        self.last_line = ""
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def name(self) -> str:
+        return self.spec.node.name
+
+    def describe(self) -> str:
+        return f"node {self.name!r} (rank {self.spec.rank}, {self.spec.node.host})"
+
+    def failure(self) -> str:
+        rc = self.proc.returncode
+        if rc < 0:
+            return f"{self.describe()} was killed by {signal.Signals(-rc).name}"
+        why = self.error or self.last_line or "no message"
+        return f"{self.describe()} exited with code {rc}: {why}"
+
+
+class Supervisor:
+    """Start `specs`, relay their output, and stop them all when one fails or the head ends."""
+
+    def __init__(self, specs: list[RankSpec], head_output_raw: bool = False,
+                 startup_timeout: float = STARTUP_TIMEOUT):  # fmt: skip
+        self.specs = specs
+        self.head_output_raw = head_output_raw
+        self.startup_timeout = startup_timeout
+        self.ranks: list[Rank] = []
+        self.lock = threading.Lock()
+        self.width = max(len(s.node.name) for s in specs)
+        self.stopping = threading.Event()
+
+    # output -----------------------------------------------------------------
+    def log(self, message: str) -> None:
+        with self.lock:
+            print(f"mlxring: {message}", file=sys.stderr, flush=True)
+
+    def _relay_lines(self, rank: Rank, stream, out, control: bool) -> None:
+        prefix = f"{rank.name:>{self.width}} | "
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            if control and line.startswith(CONTROL):
+                word, _, rest = line[len(CONTROL) :].strip().partition(" ")
+                if word == "ready":
+                    rank.ready = True
+                elif word == "pid":
+                    rank.remote_pid = int(rest)
+                elif word == "error":
+                    rank.error = rest
+                continue
+            if line.strip():
+                rank.last_line = line.strip()
+            with self.lock:
+                print(prefix + line, file=out, flush=True)
+
+    def _relay_raw(self, stream) -> None:
+        while chunk := stream.read1(65536):
+            with self.lock:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+
+    # processes --------------------------------------------------------------
+    def _start(self, spec: RankSpec) -> Rank:
+        head_repl = spec.rank == 0 and not self.head_output_raw and not spec.remote
+        proc = subprocess.Popen(
+            spec.command(),
+            stdin=None if head_repl else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: stopped as a whole
+        )
+        rank = Rank(spec, proc)
+        if spec.rank == 0 and self.head_output_raw:
+            out = threading.Thread(target=self._relay_raw, args=(proc.stdout,), daemon=True)
+        else:
+            out = threading.Thread(
+                target=self._relay_lines, args=(rank, proc.stdout, sys.stdout, False), daemon=True
+            )
+        err = threading.Thread(
+            target=self._relay_lines, args=(rank, proc.stderr, sys.stderr, True), daemon=True
+        )
+        rank.threads = [out, err]
+        for t in rank.threads:
+            t.start()
+        return rank
+
+    def _signal(self, rank: Rank, sig: int) -> None:
+        if rank.proc.poll() is not None:
+            return
+        if rank.spec.remote and rank.remote_pid:
+            kill = shlex.join(["kill", f"-{sig}", str(rank.remote_pid)])
+            target = rank.spec.node.ssh or rank.spec.node.host
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([*shlex.split(SSH), target, kill], timeout=5, capture_output=True)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(rank.proc.pid, sig)
+
+    def stop_all(self) -> None:
+        """SIGTERM every live rank, SIGKILL what is left after STOP_GRACE, reap all."""
+        for rank in self.ranks:
+            self._signal(rank, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline and any(r.proc.poll() is None for r in self.ranks):
+            time.sleep(POLL)
+        for rank in self.ranks:
+            self._signal(rank, signal.SIGKILL)
+            # the group may outlive its leader (children of the rank): kill it regardless
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rank.proc.pid, signal.SIGKILL)
+            rank.proc.wait()
+        for rank in self.ranks:
+            for t in rank.threads:
+                t.join(timeout=2)
+
+    # the loop ---------------------------------------------------------------
+    def _blame(self) -> str:
+        failed = [r for r in self.ranks if r.proc.returncode not in (None, 0)]
+
+        def order(r: Rank) -> int:
+            rc = r.proc.returncode
+            return 0 if rc < 0 else 2 if rc == EXIT_PEER_LOST else 1
+
+        return min(failed, key=order).failure()
+
+    def _watch(self) -> int:
+        started = time.monotonic()
+        announced = False
+        while not self.stopping.is_set():
+            head = self.ranks[0]
+            if any(r.proc.poll() not in (None, 0) for r in self.ranks):
+                time.sleep(0.5)  # let the neighbours' "peer lost" exits arrive, then blame
+                for r in self.ranks:
+                    r.proc.poll()
+                self.log(f"{self._blame()}; stopping the other ranks")
+                return 1
+            if head.proc.poll() == 0:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and any(
+                    r.proc.poll() is None for r in self.ranks
+                ):
+                    time.sleep(POLL)
+                return 0
+            if not announced and all(r.ready for r in self.ranks):
+                announced = True
+                if not self.head_output_raw:
+                    took = time.monotonic() - started
+                    self.log(f"{len(self.ranks)} ranks ready in {took:.1f} s")
+            if not announced and time.monotonic() - started > self.startup_timeout:
+                late = ", ".join(r.describe() for r in self.ranks if not r.ready)
+                self.log(
+                    f"{late} not ready after {self.startup_timeout:.0f} s (still loading, or "
+                    "cannot reach its ring neighbours); stopping every rank"
+                )
+                return 1
+            time.sleep(POLL)
+        self.log("interrupted; stopping every rank")
+        return 130
+
+    def run(self) -> int:
+        """Start every rank and supervise them; the exit code of the whole ring."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                previous[sig] = signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            for spec in self.specs:
+                try:
+                    self.ranks.append(self._start(spec))
+                except OSError as e:
+                    self.log(f"node {spec.node.name!r}: cannot start ({e}); stopping the others")
+                    return 1
+            return self._watch()
+        finally:
+            self.stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,86 @@
+"""Helpers for tests that start real processes: free ports, a raw mlx.distributed ring,
+and checks that nothing started is left running."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_ring(script: str, size: int, *args: str, timeout: float = 120) -> list[tuple[int, str]]:
+    """Run `python script args` as `size` ranks of a real ring on loopback.
+
+    Returns (exit code, output) per rank; raises TimeoutError if any rank hangs.
+    Every rank runs in its own process group and is killed on the way out.
+    """
+    hostfile = Path(f"/tmp/mlxring-test-hosts-{os.getpid()}-{free_port()}.json")
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(size)]))
+    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, *args],
+            env={**env, "MLX_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in range(size)
+    ]
+    try:
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ring of {size} did not finish within {timeout} s (hang)")
+            time.sleep(0.1)
+        return [(p.returncode, p.stdout.read()) for p in procs]
+    finally:
+        for p in procs:
+            kill_group(p.pid)
+            p.wait()
+        hostfile.unlink(missing_ok=True)
