@@ -87,12 +87,13 @@ def make_tiny(
     intermediate: int | None = None,
     heads: int = 4,
     seed: int = 0,
-    max_shard_size: str = "40KB",
+    max_shard_size: str | None = None,
 ) -> Path:
     """Write a random-weight `family` checkpoint to `out` and return the path.
 
-    `max_shard_size` is small on purpose: the checkpoint is split into several
-    safetensors files with a `model.safetensors.index.json`, as real ones are.
+    The checkpoint is split into several safetensors files (about 30 unless
+    `max_shard_size` says otherwise) with a `model.safetensors.index.json`, as
+    real ones are, so that loading a subset of layers can be tested.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -104,6 +105,9 @@ def make_tiny(
     torch.manual_seed(seed)
     config = LlamaConfig(**llama_config(layers, hidden, intermediate, heads))
     model = LlamaForCausalLM(config).to(torch.float32).eval()
+    if max_shard_size is None:
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        max_shard_size = f"{max(40, total // 30 // 1000)}KB"
     model.save_pretrained(out, max_shard_size=max_shard_size)
     make_tokenizer(out)
     return out

@@ -1,28 +1,35 @@
 """Messages around the ring over `mlx.distributed`, deadlock-free by construction.
 
 `send` blocks until the peer receives, so a ring where every rank sends at the
-same moment deadlocks once messages are large. Here each rank sends on its own
-thread (inside a stream made on that thread: streams are per thread) while the
-calling thread receives: a rank can always receive, so no cycle of waits forms.
+same moment deadlocks once messages are large. Here every send is evaluated
+asynchronously on a stream of its own (mlx runs each stream on its own
+thread), while the calling thread receives: a rank can always receive, so no
+cycle of waits can form.
 
-A message is a fixed-size frame (magic, sizes, sequence) and then a body of
-JSON metadata plus an encoded tensor; both cross the wire as uint8 arrays.
+Wire format, one hop. `recv` must know sizes in advance, so every message
+starts with a fixed-size slot: a clear header (sequence, micro-batch, layer
+range, sizes) and as much of the sealed body as fits; a body that does not
+fit follows as a second message whose size the header gives. Decode steps fit
+in one slot. The header is authenticated as associated data when the link is
+sealed (see `mlxring.crypto`); `PlainSealer` is the no-crypto stand-in.
 """
 
 from __future__ import annotations
 
+import collections
 import json
-import queue
 import struct
-import threading
 
 import mlx.core as mx
 import numpy as np
 
 from mlxring.crypto import codec
 
-_FRAME = struct.Struct("<4sIQQ")  # magic, meta bytes, tensor bytes, sequence
+SLOT_BYTES = 16384
+_HEADER = struct.Struct("<4sQiIIII")  # magic, seq, micro-batch, start, end, inline, overflow
 MAGIC = b"MXR1"
+_META_LEN = struct.Struct("<I")
+_RETAINED_SENDS = 256
 
 
 class PeerLost(ConnectionError):
@@ -34,9 +41,21 @@ class ProtocolError(ValueError):
 
 
 def _peer_error(e: RuntimeError, peer: int) -> Exception:
-    if "connection to a peer was lost" in str(e) or "Connection" in str(e):
-        return PeerLost(f"lost the connection to rank {peer}: {e}")
+    if "connection to a peer was lost" in str(e) or "failed" in str(e):
+        return PeerLost(f"lost the connection to rank {peer} ({e})")
     return e
+
+
+class PlainSealer:
+    """No encryption: what `mlxring.crypto`'s link does, minus the crypto (benchmarks)."""
+
+    overhead = 0
+
+    def seal(self, data: bytes, aad: bytes) -> bytes:
+        return data
+
+    def open(self, data: bytes, aad: bytes) -> bytes:
+        return data
 
 
 class RingTransport:
@@ -46,37 +65,20 @@ class RingTransport:
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.right, self.left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        self._outbox: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._sender = threading.Thread(target=self._send_loop, name="ring-send", daemon=True)
-        self._sender.start()
+        self._stream = mx.new_stream(mx.cpu)
+        # sends in flight; kept so that flush() can wait on them and see their errors
+        self._sends: collections.deque = collections.deque(maxlen=_RETAINED_SENDS)
 
-    def _send_loop(self) -> None:
-        with mx.stream(mx.new_stream(mx.cpu)):
-            while (item := self._outbox.get()) is not None:
-                try:
-                    if self._error is None:
-                        mx.eval(mx.distributed.send(item, self.right, group=self.group))
-                except BaseException as e:  # surfaced on the caller's next send/recv
-                    self._error = _peer_error(e, self.right) if isinstance(e, RuntimeError) else e
-                finally:
-                    self._outbox.task_done()
-        self._outbox.task_done()
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def send(self, data: bytes | np.ndarray) -> None:
-        """Queue `data` for the right neighbour; returns at once."""
-        self._check()
+    def send(self, data: bytes | bytearray) -> None:
+        """Start sending `data` to the right neighbour; returns at once."""
         arr = mx.array(np.frombuffer(data, dtype=np.uint8))
-        mx.eval(arr)
-        self._outbox.put(arr)
+        with mx.stream(self._stream):
+            op = mx.distributed.send(arr, self.right, group=self.group)
+        mx.async_eval(op)
+        self._sends.append(op)
 
     def recv(self, nbytes: int) -> memoryview:
         """Receive exactly `nbytes` from the left neighbour."""
-        self._check()
         try:
             arr = mx.distributed.recv((nbytes,), mx.uint8, self.left, group=self.group)
             mx.eval(arr)
@@ -85,36 +87,60 @@ class RingTransport:
         return memoryview(np.asarray(arr))
 
     def flush(self) -> None:
-        """Wait until every queued message has been received by the right neighbour."""
-        self._outbox.join()
-        self._check()
-
-    def close(self) -> None:
-        self._outbox.put(None)
+        """Wait until every message sent so far has been received by the right neighbour."""
+        try:
+            mx.eval(list(self._sends))
+        except RuntimeError as e:
+            raise _peer_error(e, self.right) from e
+        self._sends.clear()
 
 
 class Channel:
-    """Ring messages: (metadata dict, optional tensor), with a per-direction sequence."""
+    """Ring messages (metadata dict + optional tensor) with per-direction sequence numbers."""
 
-    def __init__(self, transport: RingTransport):
+    def __init__(self, transport: RingTransport, sealer=None, slot_bytes: int = SLOT_BYTES):
         self.transport = transport
+        self.sealer = sealer or PlainSealer()
+        self.slot_bytes = slot_bytes
+        self.capacity = slot_bytes - _HEADER.size - self.sealer.overhead
         self.sent = 0
         self.received = 0
 
-    def send(self, meta: dict, tensor: mx.array | None = None) -> None:
+    def send(self, meta: dict, tensor: mx.array | None = None, micro_batch: int = 0,
+             layers: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-        body = codec.encode(tensor) if tensor is not None else b""
-        frame = _FRAME.pack(MAGIC, len(meta_bytes), len(body), self.sent)
-        self.transport.send(frame)
-        self.transport.send(meta_bytes + body)
+        body = _META_LEN.pack(len(meta_bytes)) + meta_bytes
+        if tensor is not None:
+            body += codec.encode(tensor)
+        inline, rest = body[: self.capacity], body[self.capacity :]
+        overflow = len(rest) + self.sealer.overhead if rest else 0
+        header = _HEADER.pack(MAGIC, self.sent, micro_batch, *layers,
+                              len(inline) + self.sealer.overhead, overflow)  # fmt: skip
+        slot = bytearray(self.slot_bytes)
+        sealed = self.sealer.seal(inline, header)
+        slot[: _HEADER.size] = header
+        slot[_HEADER.size : _HEADER.size + len(sealed)] = sealed
+        self.transport.send(slot)
+        if rest:
+            self.transport.send(self.sealer.seal(rest, header + b"+"))
         self.sent += 1
 
     def recv(self) -> tuple[dict, mx.array | None]:
-        magic, meta_len, body_len, seq = _FRAME.unpack(self.transport.recv(_FRAME.size))
-        if magic != MAGIC or seq != self.received:
-            raise ProtocolError(f"bad frame from rank {self.transport.left} (seq {seq})")
-        payload = self.transport.recv(meta_len + body_len)
+        slot = self.transport.recv(self.slot_bytes)
+        header = bytes(slot[: _HEADER.size])
+        magic, seq, _, _, _, inline_len, overflow = _HEADER.unpack(header)
+        if magic != MAGIC or inline_len > self.slot_bytes - _HEADER.size:
+            raise ProtocolError(f"malformed message from rank {self.transport.left}")
+        if seq != self.received:
+            raise ProtocolError(
+                f"message {seq} from rank {self.transport.left} is out of order "
+                f"(expected {self.received}): replayed or reordered"
+            )
+        body = self.sealer.open(bytes(slot[_HEADER.size : _HEADER.size + inline_len]), header)
+        if overflow:
+            body += self.sealer.open(bytes(self.transport.recv(overflow)), header + b"+")
         self.received += 1
-        meta = json.loads(bytes(payload[:meta_len]))
-        tensor = codec.decode(payload[meta_len:]) if body_len else None
-        return meta, tensor
+        (meta_len,) = _META_LEN.unpack_from(body)
+        meta = json.loads(body[_META_LEN.size : _META_LEN.size + meta_len])
+        rest = memoryview(body)[_META_LEN.size + meta_len :]
+        return meta, codec.decode(rest) if len(rest) else None
