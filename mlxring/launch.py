@@ -90,7 +90,7 @@ def rank_specs(
     elif size > 1:  # jaccl: a coordinator on the head, RDMA devices per rank
         head = ring_address(0, cluster.head)
         env_all["MLX_JACCL_COORDINATOR"] = head
-        env_all["MLX_WORLD_SIZE"] = str(size)
+        env_all["MLX_JACCL_RING"] = "1"  # each rank cabled to its two ring neighbours
         files["MLX_IBV_DEVICES"] = json.dumps([list(n.rdma or ()) for n in cluster.nodes])
     specs = []
     for rank, (node, a) in enumerate(zip(cluster.nodes, plan.assignments)):
