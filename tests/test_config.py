@@ -34,6 +34,23 @@ def three(
 
 
 BAD = [
+    # jaccl needs RDMA devices on every node
+    (
+        "name: r\nbackend: jaccl\nnodes:\n"
+        "  - {name: a, host: h1, memory_gb: 8, rdma: [null, en2]}\n"
+        "  - {name: b, host: h2, memory_gb: 8}\n",
+        "nodes[1].rdma: backend jaccl needs a list of 2 RDMA device names (one per rank, null for "
+        "itself), got nothing",
+    ),
+    (
+        "name: r\nnodes:\n  - {name: a, host: h1, memory_gb: 8, rdma: en2}\n",
+        "nodes[0].rdma: expected a list of RDMA device names, one per rank (null for itself), "
+        "got 'en2'",
+    ),
+    (
+        "name: r\nnodes:\n  - {name: a, host: h, memory_gb: 8, python: ''}\n",
+        "nodes[0].python: expected a non-empty string, got ''",
+    ),  # fmt: skip
     # top level
     ("- just\n- a list\n", "top level: expected a mapping with name, nodes, got a list"),
     ("", "top level: expected a mapping with name, nodes, got nothing"),
@@ -315,3 +332,16 @@ def test_configs_are_frozen() -> None:
     config = parse_config({"name": "r", "nodes": [{"name": "a", "host": "h", "memory_gb": 8}]})
     with pytest.raises(AttributeError):
         config.name = "other"  # type: ignore[misc]
+
+
+def test_launch_fields(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: r\nbackend: jaccl\nnodes:\n"
+        "  - {name: a, host: h1, memory_gb: 8, rdma: [null, en2], python: /opt/py, cwd: /srv}\n"
+        "  - {name: b, host: h2, memory_gb: 8, rdma: [en3, null]}\n"
+    )
+    cluster = load_config(path)
+    assert cluster.nodes[0].rdma == (None, "en2") and cluster.nodes[1].rdma == ("en3", None)
+    assert cluster.nodes[0].python == "/opt/py" and cluster.nodes[0].cwd == "/srv"
+    assert cluster.nodes[1].python is None
