@@ -168,3 +168,20 @@ def test_dry_run_prints_plan_hostfile_and_commands(tiny_llama):
     assert "0-2 (3)" in out.stdout and "3-5 (3)" in out.stdout
     assert "MLX_HOSTFILE:" in out.stdout and "127.0.0.1:" in out.stdout
     assert out.stdout.count("-m mlxring.node") == 2 and "export MLX_RANK=1" in out.stdout
+
+
+def test_dry_run_for_a_jaccl_cluster(tiny_llama, tmp_path):
+    """JACCL needs Thunderbolt 5 Macs: only the launch plan can be checked here (nothing starts,
+    no traffic is sent; the addresses are only printed)."""
+    path = tmp_path / "tb.yaml"
+    path.write_text(
+        "name: tb5\nbackend: jaccl\nnodes:\n"
+        "  - {name: m1, host: 192.168.2.1, memory_gb: 64, ssh: m1.local, rdma: [null, rdma_en3]}\n"
+        "  - {name: m2, host: 192.168.2.2, memory_gb: 64, ssh: m2.local, rdma: [rdma_en3, null]}\n"
+    )
+    out = mlxring("launch", str(path), "--model", str(tiny_llama), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "MLX_IBV_DEVICES:" in out.stdout and '"rdma_en3"' in out.stdout
+    assert "export MLX_JACCL_COORDINATOR=192.168.2.1:40000" in out.stdout
+    assert "export MLX_JACCL_RING=1" in out.stdout
+    assert "over ssh to m2.local" in out.stdout and "--backend jaccl" in out.stdout
