@@ -52,6 +52,18 @@ def cluster_plan(
     return make_plan(footprint(model_dir), budgets)
 
 
+def api_warning(cluster: ClusterConfig, env_keys: str | None) -> str | None:
+    """A warning when the API would listen beyond loopback without API keys."""
+    from mlxring.config import is_local_host
+
+    if is_local_host(cluster.api.host) or cluster.api.api_keys or env_keys:
+        return None
+    return (
+        f"the API will listen on {cluster.api.host}:{cluster.api.port} without API keys: anyone "
+        "who can reach it can use the model; set api.api_keys or MLXRING_API_KEYS"
+    )
+
+
 def human_bytes(n: int) -> str:
     for unit, size in (("GB", GIB), ("MB", 2**20), ("KB", 2**10)):
         if n >= size:

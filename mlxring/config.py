@@ -75,6 +75,7 @@ class NodeConfig:
     python: str | None = None  # interpreter on the node; default: the launcher's
     cwd: str | None = None  # working directory on the node; default: the launcher's
     rdma: tuple[str | None, ...] | None = None  # jaccl: RDMA device to each rank, None to self
+    cluster_key_file: str | None = None  # the key file's path on this node, if not the cluster's
 
     @property
     def is_local(self) -> bool:
@@ -315,6 +316,7 @@ _NODE_FIELDS: dict[str, Parser] = {
     "python": _text(),
     "cwd": _text(),
     "rdma": _rdma,
+    "cluster_key_file": _text(),
 }
 _API_FIELDS: dict[str, Parser] = {
     "host": _text(_HOST_WHAT, _HOST),

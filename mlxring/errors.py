@@ -10,7 +10,8 @@ class UserError(Exception):
 def user_errors() -> tuple[type[Exception], ...]:
     """Every exception type whose message is meant for the user as it is."""
     from mlxring.config import ConfigError
+    from mlxring.crypto.keys import ClusterKeyError
     from mlxring.plan import PlanError
     from mlxring.weights import CheckpointError
 
-    return (UserError, ConfigError, PlanError, CheckpointError)
+    return (UserError, ConfigError, PlanError, CheckpointError, ClusterKeyError)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -60,6 +59,8 @@ def generate_tokens(
     As mlx-lm's `generate_step`, every prompt token but the last is prefilled in
     chunks and the last one is the first decode step.
     """
+    from mlx_lm.sample_utils import make_sampler  # mlx_lm imports transformers: load on use
+
     if not prompt:
         raise ValueError("the prompt is empty")
     if seed is not None:

@@ -14,7 +14,7 @@ import shlex
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxring.config import ClusterConfig, NodeConfig, load_config
@@ -35,6 +35,7 @@ class RankSpec:
     env: dict[str, str]  # set on the node
     files: dict[str, str]  # env var -> content of a file written on the node
     cwd: str
+    secret_env: dict[str, str] = field(default_factory=dict)  # local only; never printed
 
     @property
     def remote(self) -> bool:
@@ -77,11 +78,33 @@ def ring_address(rank: int, node: NodeConfig) -> str:
     return f"{ip}:{node.port or DEFAULT_PORT + rank}"
 
 
+def key_sources(cluster: ClusterConfig) -> tuple[list[str | None], dict[str, str]]:
+    """Per node, the key file it reads (or None), and the env that carries the key to local
+    nodes without one. The key itself never crosses the network: a node started over ssh
+    must have a key file of its own."""
+    from mlxring.crypto.keys import KEY_ENV, key_from_env, new_key
+
+    files = [node.cluster_key_file or cluster.cluster_key_file for node in cluster.nodes]
+    specs_remote = [node.ssh is not None or not node.is_local for node in cluster.nodes]
+    for node, file, remote in zip(cluster.nodes, files, specs_remote):
+        if remote and file is None:
+            raise UserError(
+                f"node {node.name!r} is started over ssh and has no cluster key: set "
+                "cluster_key_file (the same key on every node; make one with `mlxring keygen` "
+                "and copy it to each node); the key is never sent over the network"
+            )
+    if all(files):
+        return files, {}
+    key = key_from_env() or new_key()  # an all-local ring may use a key made for this launch
+    return files, {KEY_ENV: key.hex()}
+
+
 def rank_specs(
     cluster: ClusterConfig, plan: Plan, model: str, job: str, job_options: dict
 ) -> list[RankSpec]:
     """One RankSpec per node, in ring order; rank 0 (the head) runs `job`."""
     size = len(cluster.nodes)
+    key_files, key_env = key_sources(cluster)
     env_all: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
     files: dict[str, str] = {}
     if size > 1 and cluster.backend == "ring":
@@ -95,14 +118,18 @@ def rank_specs(
     specs = []
     for rank, (node, a) in enumerate(zip(cluster.nodes, plan.assignments)):
         python = node.python or (sys.executable if node.is_local else "python3")
-        argv = [python, "-m", "mlxring.node", "--name", node.name, "--model", model,
-                "--layers", str(a.start), str(a.end), "--backend", cluster.backend]  # fmt: skip
+        argv = [python, "-m", "mlxring.node", "--name", node.name, "--cluster", cluster.name,
+                "--model", model, "--layers", str(a.start), str(a.end),
+                "--backend", cluster.backend]  # fmt: skip
+        if key_files[rank]:
+            argv += ["--key-file", key_files[rank]]
         if rank == 0:
             argv += ["--job", job, "--job-args", json.dumps(job_options)]
         env = {**env_all, "MLX_RANK": str(rank)}
         if node.is_local:  # run this very mlxring, installed or not
             env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-        specs.append(RankSpec(rank, node, tuple(argv), env, files, node.cwd or os.getcwd()))
+        secret = key_env if not key_files[rank] else {}
+        specs.append(RankSpec(rank, node, tuple(argv), env, files, node.cwd or os.getcwd(), secret))
     return specs
 
 

@@ -29,7 +29,8 @@ class RingHead:
     def hidden(self, tokens: mx.array) -> mx.array:
         h = self.shard(self.shard.embed(tokens), self.cache)
         if self.channel is not None:
-            self.channel.send({"op": "step", "reset": self._reset}, h)
+            layers = (self.shard.start, self.shard.end)
+            self.channel.send({"op": "step", "reset": self._reset}, h, layers=layers)
             meta, h = self.channel.recv()
             if meta.get("op") != "step" or h is None:
                 raise ProtocolError(f"expected the step back from the ring, got {meta}")
@@ -59,7 +60,7 @@ def serve_stage(shard, channel: Channel) -> None:
         if op == "step":
             if meta.get("reset"):
                 cache = shard.make_cache()
-            channel.send(meta, shard(h, cache))
+            channel.send(meta, shard(h, cache), layers=(shard.start, shard.end))
         elif op == "stop":
             channel.send(meta)
             channel.transport.flush()

@@ -7,8 +7,10 @@ then SIGKILL) and returns non-zero; nothing it started is left running.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -17,7 +19,7 @@ import threading
 import time
 
 from mlxring.launch import SSH, RankSpec
-from mlxring.node import CONTROL, EXIT_PEER_LOST
+from mlxring.node import CONTROL, EXIT_AUTH, EXIT_PEER_LOST
 
 STARTUP_TIMEOUT = 300.0  # loading a large model's shard takes a while
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
@@ -101,6 +103,7 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: stopped as a whole
+            env={**os.environ, **spec.secret_env},  # the key, for local nodes without a file
         )
         rank = Rank(spec, proc)
         if spec.rank == 0 and self.head_output_raw:
@@ -153,7 +156,26 @@ class Supervisor:
             rc = r.proc.returncode
             return 0 if rc < 0 else 2 if rc == EXIT_PEER_LOST else 1
 
+        auth = [r for r in failed if r.proc.returncode == EXIT_AUTH]
+        if auth:
+            return self._blame_auth(auth)
         return min(failed, key=order).failure()
+
+    def _blame_auth(self, failed: list[Rank]) -> str:
+        """The rank whose key differs: the one its neighbours name (both, on a 2-rank ring)."""
+        named = collections.Counter(
+            int(m.group(1)) for r in failed if (m := re.search(r"rank (\d+)", r.error or ""))
+        )
+        size = len(self.ranks)
+        odd = [rank for rank, n in named.items() if n >= min(2, size - 1)]
+        if len(odd) == 1 and size > 2:
+            bad = self.ranks[odd[0]]
+            return (
+                f"{bad.describe()} does not hold the cluster key its neighbours hold "
+                f"(authentication failed on both its links): {failed[0].error}"
+            )
+        who = " and ".join(r.describe() for r in failed)
+        return f"{who} do not share the cluster key: {failed[0].error}"
 
     def _watch(self) -> int:
         started = time.monotonic()

@@ -69,21 +69,22 @@ class RingTransport:
         # sends in flight; kept so that flush() can wait on them and see their errors
         self._sends: collections.deque = collections.deque(maxlen=_RETAINED_SENDS)
 
-    def send(self, data: bytes | bytearray) -> None:
-        """Start sending `data` to the right neighbour; returns at once."""
+    def send(self, data: bytes | bytearray, to: int | None = None) -> None:
+        """Start sending `data` to the right neighbour (or neighbour `to`); returns at once."""
         arr = mx.array(np.frombuffer(data, dtype=np.uint8))
         with mx.stream(self._stream):
-            op = mx.distributed.send(arr, self.right, group=self.group)
+            op = mx.distributed.send(arr, self.right if to is None else to, group=self.group)
         mx.async_eval(op)
         self._sends.append(op)
 
-    def recv(self, nbytes: int) -> memoryview:
-        """Receive exactly `nbytes` from the left neighbour."""
+    def recv(self, nbytes: int, peer: int | None = None) -> memoryview:
+        """Receive exactly `nbytes` from the left neighbour (or neighbour `peer`)."""
+        peer = self.left if peer is None else peer
         try:
-            arr = mx.distributed.recv((nbytes,), mx.uint8, self.left, group=self.group)
+            arr = mx.distributed.recv((nbytes,), mx.uint8, peer, group=self.group)
             mx.eval(arr)
         except RuntimeError as e:
-            raise _peer_error(e, self.left) from e
+            raise _peer_error(e, peer) from e
         return memoryview(np.asarray(arr))
 
     def flush(self) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mlxring.crypto.keys import new_key, write_key
 from tests import sshd
 from tests.ringutil import alive, kill_group
 
@@ -26,10 +27,11 @@ def server(tmp_path_factory):
     s.stop()
 
 
-def cluster(tmp_path: Path) -> str:
+def cluster(tmp_path: Path, with_key: bool = True) -> str:
+    key = write_key(tmp_path / "cluster.key", new_key(), force=True)
     path = tmp_path / "cluster.yaml"
     path.write_text(
-        "name: ssh-ring\nnodes:\n"
+        "name: ssh-ring\n" + (f"cluster_key_file: {key}\n" if with_key else "") + "nodes:\n"
         "  - {name: head, host: localhost, memory_gb: 8, layers: 0-2}\n"
         "  - {name: far, host: localhost, memory_gb: 8, layers: 3-5, ssh: root@127.0.0.1}\n"
     )
@@ -88,3 +90,13 @@ def test_remote_rank_killed_is_reported_and_nothing_remains(tiny_llama, tmp_path
     finally:
         kill_group(proc.pid)
         proc.wait()
+
+
+def test_a_node_started_over_ssh_needs_a_key_file(tiny_llama, tmp_path, server):
+    out = subprocess.run(
+        [sys.executable, "-m", "mlxring", "generate", "--model", str(tiny_llama), "--prompt",
+         "hi", "--config", cluster(tmp_path, with_key=False)],
+        env=env(server), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "node 'far' is started over ssh and has no cluster key" in out.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
@@ -17,9 +19,12 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlxring.cluster import plan_table
+    from mlxring.cluster import api_warning, plan_table
+    from mlxring.config import load_config
     from mlxring.launch import launch_job, rank_specs, resolve
 
+    if warning := api_warning(load_config(args.config), os.environ.get("MLXRING_API_KEYS")):
+        print(f"mlxring: warning: {warning}", file=sys.stderr)
     if not args.dry_run:
         return launch_job(args.config, None, args.model, "repl", {})
     cluster, model, plan = resolve(args.config, None, args.model)

@@ -26,7 +26,8 @@ def encode(x: mx.array) -> bytes:
     if x.dtype not in CODES:
         raise CodecError(f"cannot encode dtype {x.dtype}")
     head = _HEAD.pack(CODES[x.dtype], x.ndim) + struct.pack(f"<{x.ndim}I", *x.shape)
-    data = np.asarray(mx.contiguous(x).view(mx.uint8)) if x.size else np.empty(0, np.uint8)
+    flat = mx.contiguous(x).reshape(-1)
+    data = np.asarray(flat.view(mx.uint8)) if x.size else np.empty(0, np.uint8)
     return head + data.tobytes()
 
 

@@ -1,0 +1,21 @@
+"""`mlxring keygen`: a new cluster key (32 random bytes, hex, file mode 0600)."""
+
+from __future__ import annotations
+
+import argparse
+
+from mlxring.crypto.keys import DEFAULT_KEY_FILE
+
+
+def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=DEFAULT_KEY_FILE, help=f"default {DEFAULT_KEY_FILE}")
+    parser.add_argument("--force", action="store_true", help="replace an existing key file")
+
+
+def main(args: argparse.Namespace) -> int:
+    from mlxring.crypto.keys import new_key, write_key
+
+    path = write_key(args.out, new_key(), force=args.force)
+    print(f"wrote a new cluster key to {path} (mode 0600); copy it to every node of the "
+          "cluster and set cluster_key_file (or MLXRING_CLUSTER_KEY)")  # fmt: skip
+    return 0
