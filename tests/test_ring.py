@@ -175,7 +175,7 @@ def test_dry_run_for_a_jaccl_cluster(tiny_llama, tmp_path):
     no traffic is sent; the addresses are only printed)."""
     path = tmp_path / "tb.yaml"
     path.write_text(
-        "name: tb5\nbackend: jaccl\nnodes:\n"
+        "name: tb5\nbackend: jaccl\ncluster_key_file: ~/.mlxring/cluster.key\nnodes:\n"
         "  - {name: m1, host: 192.168.2.1, memory_gb: 64, ssh: m1.local, rdma: [null, rdma_en3]}\n"
         "  - {name: m2, host: 192.168.2.2, memory_gb: 64, ssh: m2.local, rdma: [rdma_en3, null]}\n"
     )
@@ -185,3 +185,4 @@ def test_dry_run_for_a_jaccl_cluster(tiny_llama, tmp_path):
     assert "export MLX_JACCL_COORDINATOR=192.168.2.1:40000" in out.stdout
     assert "export MLX_JACCL_RING=1" in out.stdout
     assert "over ssh to m2.local" in out.stdout and "--backend jaccl" in out.stdout
+    assert "--key-file '~/.mlxring/cluster.key'" in out.stdout  # each node reads its own copy
