@@ -101,3 +101,25 @@ def test_plan_model_that_does_not_fit(tiny_llama, tmp_path):
     proc = mlxring("plan", str(config), "--model", str(tiny_llama), check=False)
     assert proc.returncode == 2
     assert "does not fit" in proc.stderr and "'b' is short by" in proc.stderr
+
+
+def test_keygen_writes_a_private_key_and_will_not_overwrite(tmp_path):
+    path = tmp_path / "k" / "cluster.key"
+    out = mlxring("keygen", "--out", str(path))
+    assert "wrote a new cluster key" in out.stdout
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and len(path.read_text().strip()) == 64
+    again = mlxring("keygen", "--out", str(path), check=False)
+    assert again.returncode == 2 and "pass --force" in again.stderr
+    assert mlxring("keygen", "--out", str(path), "--force").returncode == 0
+
+
+def test_launch_warns_when_the_api_is_open_without_keys(tiny_llama, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "name: t\napi: {host: 0.0.0.0}\nnodes:\n  - {name: a, host: localhost, memory_gb: 8}\n"
+    )
+    out = mlxring("launch", str(config), "--model", str(tiny_llama), "--dry-run")
+    assert "warning: the API will listen on 0.0.0.0:8000 without API keys" in out.stderr
+    config.write_text(config.read_text().replace("0.0.0.0}", "0.0.0.0, api_keys: [k1]}"))
+    out = mlxring("launch", str(config), "--model", str(tiny_llama), "--dry-run")
+    assert "warning" not in out.stderr
