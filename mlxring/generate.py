@@ -28,12 +28,12 @@ class LocalChain:
     def head(self):
         return self.stages[0]
 
-    def hidden(self, tokens: mx.array) -> mx.array:
-        """Final hidden states for `tokens` [B, T], advancing every stage's cache."""
-        h = self.head.embed(tokens)
+    def hidden(self, tokens: mx.array) -> dict[str, mx.array]:
+        """The last stage's output for `tokens` [B, T], advancing every stage's cache."""
+        x = self.head.embed(tokens)
         for stage, cache in zip(self.stages, self.caches):
-            h = stage(h, cache)
-        return h
+            x = stage(x, cache)
+        return x
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Logits [B, T, vocab] for `tokens` [B, T]."""

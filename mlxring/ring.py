@@ -26,16 +26,16 @@ class RingHead:
         self.cache = self.shard.make_cache()
         self._reset = True
 
-    def hidden(self, tokens: mx.array) -> mx.array:
-        h = self.shard(self.shard.embed(tokens), self.cache)
+    def hidden(self, tokens: mx.array) -> dict[str, mx.array]:
+        x = self.shard(self.shard.embed(tokens), self.cache)
         if self.channel is not None:
             layers = (self.shard.start, self.shard.end)
-            self.channel.send({"op": "step", "reset": self._reset}, h, layers=layers)
-            meta, h = self.channel.recv()
-            if meta.get("op") != "step" or h is None:
+            self.channel.send({"op": "step", "reset": self._reset}, x, layers=layers)
+            meta, x = self.channel.recv()
+            if meta.get("op") != "step" or not x:
                 raise ProtocolError(f"expected the step back from the ring, got {meta}")
         self._reset = False
-        return h
+        return x
 
     def __call__(self, tokens: mx.array) -> mx.array:
         return self.shard.logits(self.hidden(tokens))
@@ -55,12 +55,12 @@ def serve_stage(shard, channel: Channel) -> None:
     """A non-head stage: apply each step to its own layers and caches, pass it on."""
     cache = shard.make_cache()
     while True:
-        meta, h = channel.recv()
+        meta, x = channel.recv()
         op = meta.get("op")
         if op == "step":
             if meta.get("reset"):
                 cache = shard.make_cache()
-            channel.send(meta, shard(h, cache), layers=(shard.start, shard.end))
+            channel.send(meta, shard(x, cache), layers=(shard.start, shard.end))
         elif op == "stop":
             channel.send(meta)
             channel.transport.flush()

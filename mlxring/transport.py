@@ -97,7 +97,7 @@ class RingTransport:
 
 
 class Channel:
-    """Ring messages (metadata dict + optional tensor) with per-direction sequence numbers."""
+    """Ring messages (metadata dict + named tensors) with per-direction sequence numbers."""
 
     def __init__(self, transport: RingTransport, sealer=None, slot_bytes: int = SLOT_BYTES):
         self.transport = transport
@@ -107,12 +107,12 @@ class Channel:
         self.sent = 0
         self.received = 0
 
-    def send(self, meta: dict, tensor: mx.array | None = None, micro_batch: int = 0,
-             layers: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
+    def send(self, meta: dict, tensors: dict[str, mx.array] | None = None,
+             micro_batch: int = 0, layers: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         body = _META_LEN.pack(len(meta_bytes)) + meta_bytes
-        if tensor is not None:
-            body += codec.encode(tensor)
+        if tensors:
+            body += codec.encode_many(tensors)
         inline, rest = body[: self.capacity], body[self.capacity :]
         overflow = len(rest) + self.sealer.overhead if rest else 0
         header = _HEADER.pack(MAGIC, self.sent, micro_batch, *layers,
@@ -126,7 +126,7 @@ class Channel:
             self.transport.send(self.sealer.seal(rest, header + b"+"))
         self.sent += 1
 
-    def recv(self) -> tuple[dict, mx.array | None]:
+    def recv(self) -> tuple[dict, dict[str, mx.array]]:
         slot = self.transport.recv(self.slot_bytes)
         header = bytes(slot[: _HEADER.size])
         magic, seq, _, _, _, inline_len, overflow = _HEADER.unpack(header)
@@ -144,4 +144,4 @@ class Channel:
         (meta_len,) = _META_LEN.unpack_from(body)
         meta = json.loads(body[_META_LEN.size : _META_LEN.size + meta_len])
         rest = memoryview(body)[_META_LEN.size + meta_len :]
-        return meta, codec.decode(rest) if len(rest) else None
+        return meta, codec.decode_many(rest) if len(rest) else {}

@@ -100,9 +100,10 @@ def test_sealed_messages_round_trip_small_and_large():
     _, (a, b) = channels()
     for shape in [(1, 1, 64), (2, 600, 64)]:  # one slot, and a slot plus an overflow message
         x = mx.random.normal(shape)
-        a.send({"op": "step", "n": 1}, x, micro_batch=3, layers=(0, 2))
+        a.send({"op": "step", "n": 1}, {"h": x, "p": x[..., :3]}, micro_batch=3, layers=(0, 2))
         meta, y = b.recv()
-        assert meta == {"op": "step", "n": 1} and mx.array_equal(x, y).item()
+        assert meta == {"op": "step", "n": 1} and mx.array_equal(x, y["h"]).item()
+        assert mx.array_equal(x[..., :3], y["p"]).item()
 
 
 def flipped(data: bytes, index: int) -> bytes:
@@ -115,7 +116,7 @@ def flipped(data: bytes, index: int) -> bytes:
 def test_a_flipped_bit_is_rejected(where):
     ring, (a, b) = channels()
     tensor = mx.random.normal((1, 600, 64)) if where == "overflow" else mx.ones((1, 4, 64))
-    a.send({"op": "step"}, tensor)
+    a.send({"op": "step"}, {"h": tensor})
     pipe = ring.pipes[(0, 1)]
     messages = list(pipe.queue)
     pipe.queue.clear()
@@ -146,8 +147,8 @@ def test_associated_data_binds_cluster_and_ranks():
 
 def test_replayed_and_reordered_messages_are_rejected():
     ring, (a, b) = channels()
-    a.send({"n": 0}, mx.ones((1, 1, 8)))
-    a.send({"n": 1}, mx.ones((1, 1, 8)))
+    a.send({"n": 0}, {"h": mx.ones((1, 1, 8))})
+    a.send({"n": 1}, {"h": mx.ones((1, 1, 8))})
     pipe = ring.pipes[(0, 1)]
     first, second = pipe.get(), pipe.get()
     pipe.put(second)  # reordered
@@ -155,7 +156,7 @@ def test_replayed_and_reordered_messages_are_rejected():
         b.recv()
 
     ring, (a, b) = channels()
-    a.send({"n": 0}, mx.ones((1, 1, 8)))
+    a.send({"n": 0}, {"h": mx.ones((1, 1, 8))})
     pipe = ring.pipes[(0, 1)]
     first = pipe.get()
     pipe.put(first)
@@ -167,7 +168,7 @@ def test_replayed_and_reordered_messages_are_rejected():
 
 def test_a_replay_with_a_forged_sequence_number_fails_authentication():
     ring, (a, b) = channels()
-    a.send({"n": 0}, mx.ones((1, 1, 8)))
+    a.send({"n": 0}, {"h": mx.ones((1, 1, 8))})
     pipe = ring.pipes[(0, 1)]
     first = pipe.get()
     pipe.put(first)

@@ -8,9 +8,11 @@ from mlxring.errors import UserError
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
-    from mlxring.tiny import FAMILIES
+    from mlxring.tiny import FAMILIES, LAYOUTS
 
-    parser.add_argument("--family", choices=FAMILIES, default="llama")
+    parser.add_argument("--family", choices=list(FAMILIES), default="llama")
+    layouts = sorted({lay for options in LAYOUTS.values() for lay in options})
+    parser.add_argument("--layout", choices=layouts, help="checkpoint layout (gpt_oss)")
     parser.add_argument("--out", required=True, help="directory to write (created)")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=64, help="hidden size")
@@ -28,8 +30,10 @@ def main(args: argparse.Namespace) -> int:
         ) from e
     if args.layers < 1 or args.hidden % args.heads:
         raise UserError("--layers must be >= 1 and --hidden a multiple of --heads")
-    out = make_tiny(
-        args.family, args.out, args.layers, args.hidden, args.intermediate, args.heads, args.seed
-    )
+    try:
+        out = make_tiny(args.family, args.out, args.layers, args.hidden, args.intermediate,
+                        args.heads, args.seed, layout=args.layout)  # fmt: skip
+    except ValueError as e:
+        raise UserError(str(e)) from e
     print(f"wrote a tiny {args.family} model ({args.layers} layers) to {out}")
     return 0

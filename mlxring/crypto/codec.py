@@ -31,6 +31,35 @@ def encode(x: mx.array) -> bytes:
     return head + data.tobytes()
 
 
+def encode_many(tensors: dict[str, mx.array]) -> bytes:
+    """Several named tensors (what travels between stages) as one buffer."""
+    parts = [struct.pack("<B", len(tensors))]
+    for name, x in tensors.items():
+        data = encode(x)
+        parts += [struct.pack("<B", len(name)), name.encode(), struct.pack("<I", len(data)), data]
+    return b"".join(parts)
+
+
+def decode_many(buf: bytes | memoryview) -> dict[str, mx.array]:
+    buf = memoryview(buf)
+    try:
+        (count,), offset, tensors = struct.unpack_from("<B", buf), 1, {}
+        for _ in range(count):
+            (n,) = struct.unpack_from("<B", buf, offset)
+            name = bytes(buf[offset + 1 : offset + 1 + n]).decode()
+            (size,) = struct.unpack_from("<I", buf, offset + 1 + n)
+            start = offset + 5 + n
+            if start + size > len(buf):
+                raise CodecError("tensor list is truncated")
+            tensors[name] = decode(buf[start : start + size])
+            offset = start + size
+    except (struct.error, UnicodeDecodeError) as e:
+        raise CodecError(f"malformed tensor list ({e})") from None
+    if offset != len(buf):
+        raise CodecError("trailing bytes after the tensor list")
+    return tensors
+
+
 def decode(buf: bytes | memoryview) -> mx.array:
     """The tensor `encode` made; raises CodecError on a malformed buffer."""
     buf = memoryview(buf)

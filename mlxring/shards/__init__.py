@@ -10,6 +10,11 @@ from mlxring.weights import CheckpointError, read_config
 # model_type -> "module:Class"
 MLX_SHARDS = {
     "llama": "mlxring.shards.llama:LlamaShard",
+    "gpt_oss": "mlxring.shards.gpt_oss:GptOssShard",
+    "gemma3_text": "mlxring.shards.gemma:Gemma3Shard",
+    "gemma3": "mlxring.shards.gemma:Gemma3Shard",  # the text tower of a gemma3 checkpoint
+    "gemma4_text": "mlxring.shards.gemma:Gemma4Shard",
+    "gemma4": "mlxring.shards.gemma:Gemma4Shard",  # the text tower of a gemma4 checkpoint
 }
 
 

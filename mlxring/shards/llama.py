@@ -16,8 +16,8 @@ class LlamaShard(MlxShard):
         if "lm_head" in self.model:
             self.model.lm_head = Absent()
 
-    def embed(self, tokens: mx.array) -> mx.array:
-        return self.model.model.embed_tokens(tokens)
+    def embed(self, tokens: mx.array) -> dict[str, mx.array]:
+        return {"h": self.model.model.embed_tokens(tokens)}
 
     @property
     def sliding(self) -> list[bool]:
@@ -25,7 +25,8 @@ class LlamaShard(MlxShard):
         types = self.args.layer_types[self.start : self.end]
         return [t == "sliding_attention" for t in types]
 
-    def __call__(self, h: mx.array, cache: list) -> mx.array:
+    def __call__(self, x: dict[str, mx.array], cache: list) -> dict[str, mx.array]:
+        h = x["h"]
         window = self.args.sliding_window
         masks = {}
         for i, sliding in enumerate(self.sliding):
@@ -35,10 +36,10 @@ class LlamaShard(MlxShard):
                 )
         for layer, sliding, c in zip(self.layers, self.sliding, cache):
             h = layer(h, masks[sliding], cache=c)
-        return h
+        return {"h": h}
 
-    def logits(self, h: mx.array) -> mx.array:
-        h = self.model.model.norm(h)
+    def logits(self, x: dict[str, mx.array]) -> mx.array:
+        h = self.model.model.norm(x["h"])
         if self.args.tie_word_embeddings:
             return self.model.model.embed_tokens.as_linear(h)
         return self.model.lm_head(h)

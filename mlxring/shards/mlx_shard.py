@@ -38,13 +38,16 @@ class MlxShard:
         """Replace the embedding, final norm and lm_head by `Absent` (non-head stages)."""
         raise NotImplementedError
 
-    def embed(self, tokens: mx.array) -> mx.array:
+    def embed(self, tokens: mx.array) -> dict[str, mx.array]:
+        """What travels the ring for `tokens` [B, T]: at least the hidden states "h"."""
         raise NotImplementedError
 
-    def __call__(self, h: mx.array, cache: list) -> mx.array:
+    def __call__(self, x: dict[str, mx.array], cache: list) -> dict[str, mx.array]:
+        """Run this shard's layers on `x` (updating `cache`); the same keys come out."""
         raise NotImplementedError
 
-    def logits(self, h: mx.array) -> mx.array:
+    def logits(self, x: dict[str, mx.array]) -> mx.array:
+        """Final norm and lm_head (head only) on the last stage's output."""
         raise NotImplementedError
 
     def make_cache(self) -> list:
@@ -82,7 +85,7 @@ class MlxShard:
         weights = load_subset(model_dir, shard.keeps)
         if hasattr(model, "sanitize"):
             weights = model.sanitize(weights)
-        if quantization := config.get("quantization"):
+        if quantization := quantization_of(config):
             quantize(model, quantization, weights)
         try:
             model.load_weights(list(weights.items()), strict=True)
@@ -94,6 +97,18 @@ class MlxShard:
     @property
     def nbytes(self) -> int:
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+
+def quantization_of(config: dict) -> dict | None:
+    """mlx-lm's `quantization` block, or the one an HF `quantization_config` implies (mxfp4)."""
+    if quantization := config.get("quantization"):
+        return quantization
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method == "mxfp4":
+        return {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    if method is not None:
+        raise CheckpointError(f"quantization method {method!r} is not supported")
+    return None
 
 
 def quantize(model: nn.Module, quantization: dict, weights: dict) -> None:

@@ -13,8 +13,9 @@ channel = Channel(RingTransport(group))
 rank, left = group.rank(), (group.rank() - 1) % group.size()
 for i in range(rounds):
     payload = mx.full((nbytes,), (rank * 7 + i) % 251, dtype=mx.uint8)
-    channel.send({"round": i, "from": rank}, payload)  # every rank sends before receiving
+    channel.send({"round": i, "from": rank}, {"x": payload})  # all send before receiving
     meta, got = channel.recv()
+    got = got["x"]
     assert meta == {"round": i, "from": left}, meta
     assert got.shape == (nbytes,) and np.all(np.asarray(got) == (left * 7 + i) % 251)
 channel.transport.flush()

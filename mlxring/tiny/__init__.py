@@ -8,9 +8,13 @@ Needs the `torch` extra (torch + transformers).
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-FAMILIES = ("llama",)
+# family -> module of mlxring.tiny with `build(layers, hidden, intermediate, heads, layout)`
+# returning a transformers model, and optionally `finish(out, layout)` run after saving
+FAMILIES = {"llama": "llama", "gpt_oss": "gpt_oss", "gemma3": "gemma", "gemma4": "gemma"}
+LAYOUTS = {"gpt_oss": ("transformers", "original", "mlx-community")}
 VOCAB_SIZE = 384
 # A larger init than transformers' default (0.02) keeps random logits far from
 # flat, so greedy decoding is discriminating instead of repeating one token.
@@ -29,26 +33,6 @@ The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.
 Numbers like 0 1 2 3 4 5 6 7 8 9 10 42 100 and 2048 appear in text too.
 Hello, world! How are you today? I am fine, thank you. What is a llama?
 """
-
-
-def llama_config(layers: int, hidden: int, intermediate: int | None, heads: int) -> dict:
-    """Keyword arguments of a small `LlamaConfig` (GQA, untied head)."""
-    return dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=intermediate or 2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        initializer_range=INIT_STD,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
 
 
 def make_tokenizer(out: Path):
@@ -88,6 +72,7 @@ def make_tiny(
     heads: int = 4,
     seed: int = 0,
     max_shard_size: str | None = None,
+    layout: str | None = None,
 ) -> Path:
     """Write a random-weight `family` checkpoint to `out` and return the path.
 
@@ -96,18 +81,22 @@ def make_tiny(
     real ones are, so that loading a subset of layers can be tested.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if layout is not None and layout not in LAYOUTS.get(family, ()):
+        raise ValueError(f"family {family!r} has no layout {layout!r}")
+    module = importlib.import_module(f"mlxring.tiny.{FAMILIES[family]}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = LlamaConfig(**llama_config(layers, hidden, intermediate, heads))
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = module.build(family, layers, hidden, intermediate, heads, layout)
+    model = model.to(torch.float32).eval()
     if max_shard_size is None:
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         max_shard_size = f"{max(40, total // 30 // 1000)}KB"
     model.save_pretrained(out, max_shard_size=max_shard_size)
     make_tokenizer(out)
+    if hasattr(module, "finish"):
+        module.finish(out, layout)
     return out
