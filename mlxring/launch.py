@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlxring.config import ClusterConfig, NodeConfig, load_config
 from mlxring.errors import UserError
-from mlxring.plan import Plan, split_layers
+from mlxring.plan import Plan, keep_kv_pairs, split_layers
 
 DEFAULT_PORT = 40000  # remote nodes without a port: DEFAULT_PORT + rank
 SSH = os.environ.get("MLXRING_SSH", "ssh -o BatchMode=yes")
@@ -133,11 +133,15 @@ def rank_specs(
     return specs
 
 
-def local_ring(ranks: int, num_layers: int) -> ClusterConfig:
-    """A cluster of `ranks` local processes with an even split of `num_layers`."""
-    if not 1 <= ranks <= num_layers:
-        raise UserError(f"--ranks must be between 1 and the model's {num_layers} layers")
-    spans = split_layers(num_layers, [1] * ranks)
+def local_ring(ranks: int, model: str) -> ClusterConfig:
+    """A cluster of `ranks` local processes with an even split of the model's layers
+    (moved where a split would separate a KV-sharing pair)."""
+    from mlxring.weights import footprint
+
+    fp = footprint(model)
+    if not 1 <= ranks <= fp.num_layers:
+        raise UserError(f"--ranks must be between 1 and the model's {fp.num_layers} layers")
+    spans = keep_kv_pairs(split_layers(fp.num_layers, [1] * ranks), fp.kv_pairs)
     nodes = tuple(
         NodeConfig(name=f"rank{r}", host="localhost", memory_gb="auto", layers=span)
         for r, span in enumerate(spans)
@@ -167,7 +171,6 @@ def resolve(
 ) -> tuple[ClusterConfig, str, Plan]:
     """The cluster, model directory and plan a launch runs."""
     from mlxring.cluster import cluster_plan
-    from mlxring.shards import num_layers
 
     cluster = load_config(config) if config else None
     model = model or (cluster.model if cluster else None)
@@ -176,7 +179,7 @@ def resolve(
     if not os.path.isdir(model) and (cluster is None or cluster.head.is_local):
         raise UserError(f"model {model}: no such directory")
     if cluster is None:
-        cluster = local_ring(ranks or 1, num_layers(model))
+        cluster = local_ring(ranks or 1, model)
     plan = cluster_plan(cluster, model, remote_memory_bytes)
     return cluster, model, plan
 

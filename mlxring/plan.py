@@ -24,6 +24,9 @@ class ModelFootprint:
 
     layer_bytes: tuple[int, ...]  # index = absolute layer
     head_bytes: int  # embedding + final norm + lm_head, held by the head node
+    # (source, sharer): layer `sharer` reuses layer `source`'s K/V (gemma 4), so both
+    # must be on one stage
+    kv_pairs: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -162,10 +165,12 @@ def make_plan(footprint: ModelFootprint, nodes: Sequence[NodeBudget]) -> Plan:
             "put a node with more memory first, or lower its reserve_gb"
         )
     ranges = _explicit_ranges(footprint.num_layers, nodes)
-    if ranges is None:
+    if ranges is not None:
+        _check_kv_pairs(ranges, footprint.kv_pairs, [n.name for n in nodes])
+    else:
         weights = [n.usable_bytes for n in nodes]
         weights[0] -= footprint.head_bytes
-        ranges = split_layers(footprint.num_layers, weights)
+        ranges = keep_kv_pairs(split_layers(footprint.num_layers, weights), footprint.kv_pairs)
     assignments = tuple(
         Assignment(
             name=node.name,
@@ -232,6 +237,47 @@ def _explicit_ranges(num_layers: int, nodes: Sequence[NodeBudget]) -> list[tuple
             f"{last.name!r} ends at layer {last.layers[1] - 1} but {model}"
         )
     return [n.layers for n in nodes]
+
+
+def _splits_pair(boundary: int, pairs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    # A stage starting at `boundary` separates (source, sharer) when source < boundary <= sharer.
+    return next(((s, t) for s, t in pairs if s < boundary <= t), None)
+
+
+def keep_kv_pairs(
+    ranges: list[tuple[int, int]], pairs: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Move each stage boundary that would separate a KV-sharing pair to the nearest
+    boundary that does not, keeping every stage at least one layer long."""
+    if not pairs:
+        return ranges
+    num_layers = ranges[-1][1]
+    bounds = [start for start, _ in ranges[1:]]
+    allowed = [c for c in range(1, num_layers) if _splits_pair(c, pairs) is None]
+    if len(allowed) < len(bounds):
+        raise PlanError(
+            f"cannot split {num_layers} layers over {len(ranges)} nodes without separating "
+            "a layer from the layer whose K/V it reuses; use fewer nodes"
+        )
+    picked: list[int] = []  # indices into `allowed`, increasing
+    for i, b in enumerate(bounds):
+        first = picked[-1] + 1 if picked else 0
+        last = len(allowed) - (len(bounds) - i)  # leave room for the boundaries after this
+        picked.append(min(range(first, last + 1), key=lambda j: (abs(allowed[j] - b), j)))
+    return list(pairwise([0, *(allowed[j] for j in picked), num_layers]))
+
+
+def _check_kv_pairs(
+    ranges: Sequence[tuple[int, int]], pairs: Sequence[tuple[int, int]], names: list[str]
+) -> None:
+    for (start, _), name in zip(ranges[1:], names[1:]):
+        if pair := _splits_pair(start, pairs):
+            source, sharer = pair
+            raise PlanError(
+                f"node {name!r} starts at layer {start}, which separates layer {sharer} from "
+                f"layer {source} whose K/V it reuses (KV sharing); keep layers "
+                f"{_incl(source, sharer + 1)} on one node"
+            )
 
 
 def _check_fit(assignments: Sequence[Assignment]) -> None:

@@ -74,8 +74,10 @@ def tensor_bytes(model_dir: str | Path) -> dict[str, int]:
 
 def footprint(model_dir: str | Path) -> ModelFootprint:
     """Weight bytes per layer and of the head-only tensors (embedding, norm, lm_head)."""
-    config = read_config(model_dir)
-    config = config.get("text_config", config)
+    from mlxring.shards import kv_sharing_pairs
+
+    full_config = read_config(model_dir)
+    config = full_config.get("text_config", full_config)
     num_layers = int(config["num_hidden_layers"])
     layer_bytes = [0] * num_layers
     head_bytes = 0
@@ -85,7 +87,8 @@ def footprint(model_dir: str | Path) -> ModelFootprint:
             head_bytes += size
         elif i < num_layers:
             layer_bytes[i] += size
-    return ModelFootprint(layer_bytes=tuple(layer_bytes), head_bytes=head_bytes)
+    pairs = tuple(kv_sharing_pairs(full_config))
+    return ModelFootprint(tuple(layer_bytes), head_bytes, pairs)
 
 
 def load_subset(model_dir: str | Path, keep: Callable[[str], bool]) -> dict:

@@ -3,10 +3,18 @@ from fractions import Fraction
 from itertools import pairwise
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mlxring.plan import GIB, ModelFootprint, NodeBudget, PlanError, make_plan, split_layers
+from mlxring.plan import (
+    GIB,
+    ModelFootprint,
+    NodeBudget,
+    PlanError,
+    keep_kv_pairs,
+    make_plan,
+    split_layers,
+)
 
 MIB = 2**20
 
@@ -294,3 +302,45 @@ def test_plan_rejects_mixed_explicit_and_implicit():
     with pytest.raises(PlanError, match="give layers on every node or on none") as err:
         make_plan(footprint(), nodes)
     assert "'b'" in str(err.value)
+
+
+# --- KV sharing (gemma 4): a layer and the layer whose K/V it reuses share a stage ---
+
+PAIRS = ((3, 4), (2, 5))  # layers 4 and 5 reuse layers 3 and 2
+
+
+def test_even_split_moves_a_boundary_off_a_kv_pair():
+    assert split_layers(6, [1, 1]) == [(0, 3), (3, 6)]  # would separate 2 from 5
+    fp = ModelFootprint(layer_bytes=(1,) * 6, head_bytes=0, kv_pairs=PAIRS)
+    plan = make_plan(fp, [NodeBudget("a", GIB, 0), NodeBudget("b", GIB, 0)])
+    assert [(a.start, a.end) for a in plan.assignments] == [(0, 2), (2, 6)]
+
+
+@settings(deadline=None)
+@given(
+    num_layers=st.integers(4, 40),
+    weights=st.lists(st.integers(1, 100), min_size=1, max_size=4),
+    shared=st.integers(1, 3),
+)
+def test_kv_pairs_never_straddle_a_boundary(num_layers, weights, shared):
+    # the last `shared` layers reuse the layers just before them, as gemma 4 does
+    assume(num_layers >= 2 * shared)
+    pairs = tuple((num_layers - shared - 1 - i, num_layers - 1 - i) for i in range(shared))
+    ranges = split_layers(num_layers, weights)
+    try:
+        kept = keep_kv_pairs(ranges, pairs)
+    except PlanError:
+        # boundaries may only fall in 1 .. L-2s: refused only when there are too few
+        assert len(weights) - 1 > num_layers - 2 * shared
+        return
+    assert kept[0][0] == 0 and kept[-1][1] == num_layers
+    assert all(b > a for a, b in kept) and all(x[1] == y[0] for x, y in pairwise(kept))
+    for source, sharer in pairs:
+        assert any(a <= source and sharer < b for a, b in kept)
+
+
+def test_explicit_layers_that_separate_a_kv_pair_are_refused():
+    fp = ModelFootprint(layer_bytes=(1,) * 6, head_bytes=0, kv_pairs=PAIRS)
+    nodes = [NodeBudget("a", GIB, 0, (0, 4)), NodeBudget("b", GIB, 0, (4, 6))]
+    with pytest.raises(PlanError, match="node 'b' starts at layer 4, which separates layer 4"):
+        make_plan(fp, nodes)

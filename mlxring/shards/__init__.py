@@ -37,6 +37,11 @@ def load_shard(model_dir: str | Path, start: int, end: int, is_head: bool):
     return cls.load(model_dir, start, end, is_head)
 
 
+def kv_sharing_pairs(config: dict) -> list[tuple[int, int]]:
+    """The layer pairs of this model that must stay on one stage (KV sharing)."""
+    return shard_class(config["model_type"]).kv_sharing_pairs(config)
+
+
 def num_layers(model_dir: str | Path) -> int:
     config = read_config(model_dir)
     return int(config.get("text_config", config)["num_hidden_layers"])
