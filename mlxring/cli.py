@@ -12,6 +12,7 @@ COMMANDS = {
     "plan": "Show how a cluster splits a model's layers, before starting anything.",
     "generate": "Generate from one prompt (single node, a local ring, or a cluster).",
     "launch": "Start every rank of a cluster defined in a YAML file.",
+    "bench": "Throughput: one node (mlx-lm), a lockstep ring, or a pipelined ring.",
     "keygen": "Write a new cluster key (every node of a cluster needs the same one).",
     "make-tiny": "Write a tiny random-weight model of a real architecture (tests, demo).",
 }

@@ -1,7 +1,7 @@
 """What the head does with a ready ring: generate from one prompt, or a prompt loop.
 
-A job gets `model`: anything with `__call__(tokens) -> logits`, `cache_state()`
-and `reset()` (a `LocalChain` on one node, a `RingHead` on a ring).
+Jobs drive an `Engine` (mlxring.engine.engine). `complete` is the plain
+one-sequence loop over a `LocalChain`, kept as the simplest reference path.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
+from mlxring.engine.request import SamplingParams
 from mlxring.generate import DEFAULT_PREFILL_CHUNK, generate_tokens
 
 DEFAULT_MAX_TOKENS = 64
@@ -24,66 +26,71 @@ def encode_prompt(tokenizer, prompt: str, raw: bool = False) -> list[int]:
 
 
 def load_tokenizer(model_dir: str):
-    from pathlib import Path
-
     from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
     return mlx_lm_load_tokenizer(Path(model_dir))
 
 
-def complete(model, tokenizer, prompt: str, opts: dict, out=sys.stdout) -> dict:
-    """Generate for `prompt`, streaming text to `out` unless opts['json']; return the result."""
-    model.reset()
-    prompt_ids = encode_prompt(tokenizer, prompt, opts.get("raw", False))
-    detok = tokenizer.detokenizer
-    detok.reset()
-    tokens = []
-    times = [time.perf_counter()]
-    for token in generate_tokens(
-        model,
-        model.cache_state,
-        prompt_ids,
-        opts.get("max_tokens", DEFAULT_MAX_TOKENS),
-        temp=opts.get("temp", 0.0),
-        top_p=opts.get("top_p", 0.0),
+def sampling(opts: dict) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=opts.get("max_tokens", DEFAULT_MAX_TOKENS),
+        temperature=opts.get("temp", 0.0),
+        top_p=opts.get("top_p") or 1.0,
         seed=opts.get("seed"),
-        stop_ids=tokenizer.eos_token_ids,
-        prefill_chunk=opts.get("prefill_chunk", DEFAULT_PREFILL_CHUNK),
-    ):
-        tokens.append(token)
-        times.append(time.perf_counter())
-        detok.add_token(token)
+    )
+
+
+def run_prompt(engine, tokenizer, prompt: str, opts: dict, out=sys.stdout) -> dict:
+    """One request through the engine, streaming text to `out` unless opts['json']."""
+    prompt_ids = encode_prompt(tokenizer, prompt, opts.get("raw", False))
+    started = time.perf_counter()
+    tokens, texts, times = [], [], []
+    for event in engine.submit(prompt_ids, sampling(opts)):
+        if event.finish_reason == "error":
+            raise RuntimeError(f"the ring failed: {engine.error}")
+        if event.token is not None:
+            tokens.append(event.token)
+            times.append(time.perf_counter())
+        texts.append(event.text)
         if not opts.get("json"):
-            print(detok.last_segment, end="", file=out, flush=True)
-    detok.finalize()
+            print(event.text, end="", file=out, flush=True)
     if not opts.get("json"):
-        print(detok.last_segment, file=out, flush=True)
-    decode_s = times[-1] - times[1]
+        print(file=out, flush=True)
+    decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
     timing = {
-        "ttft_s": round(times[1] - times[0], 6),
+        "ttft_s": round(times[0] - started, 6) if times else None,
         "decode_s": round(decode_s, 6),
-        "decode_tok_s": round((len(tokens) - 1) / decode_s, 3) if len(tokens) > 1 else None,
+        "decode_tok_s": round((len(times) - 1) / decode_s, 3) if decode_s else None,
     }
-    return {
-        "tokens": tokens,
-        "text": detok.text,
-        "prompt_tokens": len(prompt_ids),
-        "timing": timing,
-    }
+    return {"tokens": tokens, "text": "".join(texts), "prompt_tokens": len(prompt_ids),
+            "timing": timing}  # fmt: skip
 
 
-def generate(model, model_dir: str, opts: dict) -> None:
+def generate(engine, model_dir: str, opts: dict) -> None:
     """One prompt; with opts['json'] print one JSON object at the end."""
-    result = complete(model, load_tokenizer(model_dir), opts["prompt"], opts)
+    result = run_prompt(engine, load_tokenizer(model_dir), opts["prompt"], opts)
     if opts.get("json"):
         print(json.dumps(result), flush=True)
 
 
-def repl(model, model_dir: str, opts: dict) -> None:
+def repl(engine, model_dir: str, opts: dict) -> None:
     """Read prompts from stdin, one per line, until an empty line or end of input."""
     tokenizer = load_tokenizer(model_dir)
     print("ring ready: type a prompt and press Enter (empty line or Ctrl-D stops)", flush=True)
     for line in sys.stdin:
         if not line.strip():
             break
-        complete(model, tokenizer, line.strip(), opts)
+        run_prompt(engine, tokenizer, line.strip(), opts)
+
+
+def complete(model, tokenizer, prompt: str, opts: dict) -> dict:
+    """The reference path: one sequence through a `LocalChain`, no engine, no batching."""
+    model.reset()
+    prompt_ids = encode_prompt(tokenizer, prompt, opts.get("raw", False))
+    tokens = list(generate_tokens(
+        model, model.cache_state, prompt_ids, opts.get("max_tokens", DEFAULT_MAX_TOKENS),
+        temp=opts.get("temp", 0.0), top_p=opts.get("top_p", 0.0), seed=opts.get("seed"),
+        stop_ids=tokenizer.eos_token_ids,
+        prefill_chunk=opts.get("prefill_chunk", DEFAULT_PREFILL_CHUNK),
+    ))  # fmt: skip
+    return {"tokens": tokens, "text": tokenizer.decode(tokens), "prompt_tokens": len(prompt_ids)}

@@ -184,12 +184,15 @@ def resolve(
     return cluster, model, plan
 
 
-def launch_job(
-    config: str | None, ranks: int | None, model: str | None, job: str, job_options: dict
-) -> int:
-    """Start the ring, run `job` on the head, stop every rank; the exit code of the whole."""
+def launch_job(config: str | None, ranks: int | None, model: str | None, job: str,
+               job_options: dict, head_output=None) -> int:  # fmt: skip
+    """Start the ring, run `job` on the head, stop every rank; the exit code of the whole.
+
+    The head's output goes to `head_output` (a binary stream; default stdout)."""
     from mlxring.supervise import Supervisor
 
     cluster, model, plan = resolve(config, ranks, model)
     specs = rank_specs(cluster, plan, model, job, job_options)
-    return Supervisor(specs, head_output_raw=job == "generate").run()
+    supervisor = Supervisor(specs, head_output_raw=job != "repl", head_output=head_output,
+                            progress=job_options.get("progress", False))  # fmt: skip
+    return supervisor.run()

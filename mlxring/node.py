@@ -16,15 +16,24 @@ import contextlib
 import json
 import os
 import sys
+import threading
 
 CONTROL = "\x1e@mlxring"
 EXIT_OK, EXIT_CRASH, EXIT_USER_ERROR, EXIT_PEER_LOST, EXIT_AUTH, EXIT_INTEGRITY = range(6)
+JOBS = {"generate": "mlxring.jobs", "repl": "mlxring.jobs", "batch": "mlxring.workload",
+        "bench": "mlxring.workload"}  # fmt: skip
 NO_CRYPTO_ENV = "MLXRING_UNSAFE_NO_CRYPTO"  # benchmarks only: plain hops, no handshake
+
+
+_control_lock = threading.Lock()
 
 
 def control(*words: object) -> None:
     """A line for the launcher (readiness, pid, the reason this rank failed)."""
-    print(CONTROL, *words, file=sys.stderr, flush=True)
+    line = " ".join(map(str, (CONTROL, *words))) + "\n"
+    with _control_lock:  # one write per line: job threads report too
+        sys.stderr.write(line)
+        sys.stderr.flush()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True)
     parser.add_argument("--layers", type=int, nargs=2, required=True, metavar=("START", "END"))
     parser.add_argument("--backend", default="ring", choices=("ring", "jaccl"))
-    parser.add_argument("--job", default="repl", choices=("generate", "repl"))
+    parser.add_argument("--job", default="repl", choices=JOBS)
     parser.add_argument("--job-args", default="{}", help="JSON options of the head's job")
     return parser.parse_args(argv)
 
@@ -73,19 +82,36 @@ def connect(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> None:
     rank, channel = connect(args)  # before loading the model: a wrong key fails fast
 
-    from mlxring import jobs
-    from mlxring.ring import RingHead, serve_stage
+    import importlib
+
+    from mlxring.ring import serve_stage
     from mlxring.shards import load_shard
 
     start, end = args.layers
     shard = load_shard(args.model, start, end, is_head=rank == 0)
-    control("ready", rank)
     if rank != 0:
+        control("ready", rank)
         serve_stage(shard, channel)
         return
-    head = RingHead(shard, channel)
-    getattr(jobs, args.job)(head, args.model, json.loads(args.job_args))
-    head.stop()
+    opts = json.loads(args.job_args)
+    engine = head_engine(shard, channel, args.model, opts)
+    control("ready", rank)
+    try:
+        job = getattr(importlib.import_module(JOBS[args.job]), args.job)
+        job(engine, args.model, opts)
+    finally:
+        engine.close()
+
+
+def head_engine(shard, channel, model: str, opts: dict):
+    """The head's engine: continuous batching, pipelined over the ring's stages by default."""
+    from mlxring.engine.engine import Engine
+    from mlxring.jobs import load_tokenizer
+
+    size = channel.transport.size if channel is not None else 1
+    return Engine(shard, channel, load_tokenizer(model), num_stages=size,
+                  mode=opts.get("mode", "pipelined"), max_batch=opts.get("max_batch", 16),
+                  prefill_chunk=opts.get("prefill_chunk", 512))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,8 +56,12 @@ class Supervisor:
     """Start `specs`, relay their output, and stop them all when one fails or the head ends."""
 
     def __init__(self, specs: list[RankSpec], head_output_raw: bool = False,
-                 startup_timeout: float = STARTUP_TIMEOUT):  # fmt: skip
+                 startup_timeout: float = STARTUP_TIMEOUT, progress: bool = False,
+                 head_output=None):  # fmt: skip
         self.specs = specs
+        self.head_output = head_output  # binary stream for the head's raw output (stdout)
+        self.progress = progress  # draw the head's "progress" control lines as a bar
+        self.bar = None
         self.head_output_raw = head_output_raw
         self.startup_timeout = startup_timeout
         self.ranks: list[Rank] = []
@@ -82,17 +86,28 @@ class Supervisor:
                     rank.remote_pid = int(rest)
                 elif word == "error":
                     rank.error = rest
+                elif word == "progress" and self.progress:
+                    self._show_progress(*map(int, rest.split()))
                 continue
             if line.strip():
                 rank.last_line = line.strip()
             with self.lock:
                 print(prefix + line, file=out, flush=True)
 
+    def _show_progress(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        with self.lock:
+            if self.bar is None:
+                self.bar = tqdm(total=total, unit="tok", desc="generating", leave=False)
+            self.bar.update(done - self.bar.n)
+
     def _relay_raw(self, stream) -> None:
+        out = self.head_output or sys.stdout.buffer
         while chunk := stream.read1(65536):
             with self.lock:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.buffer.flush()
+                out.write(chunk)
+                out.flush()
 
     # processes --------------------------------------------------------------
     def _start(self, spec: RankSpec) -> Rank:
@@ -147,6 +162,8 @@ class Supervisor:
         for rank in self.ranks:
             for t in rank.threads:
                 t.join(timeout=2)
+        if self.bar is not None:
+            self.bar.close()
 
     # the loop ---------------------------------------------------------------
     def _blame(self) -> str:

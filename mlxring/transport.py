@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import json
 import struct
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -65,14 +66,16 @@ class RingTransport:
         self.group = group
         self.rank, self.size = group.rank(), group.size()
         self.right, self.left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        self._stream = mx.new_stream(mx.cpu)
+        self._local = threading.local()  # mlx streams belong to the thread that made them
         # sends in flight; kept so that flush() can wait on them and see their errors
         self._sends: collections.deque = collections.deque(maxlen=_RETAINED_SENDS)
 
     def send(self, data: bytes | bytearray, to: int | None = None) -> None:
         """Start sending `data` to the right neighbour (or neighbour `to`); returns at once."""
         arr = mx.array(np.frombuffer(data, dtype=np.uint8))
-        with mx.stream(self._stream):
+        if not hasattr(self._local, "stream"):
+            self._local.stream = mx.new_stream(mx.cpu)
+        with mx.stream(self._local.stream):
             op = mx.distributed.send(arr, self.right if to is None else to, group=self.group)
         mx.async_eval(op)
         self._sends.append(op)

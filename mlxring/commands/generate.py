@@ -43,9 +43,13 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--model {args.model}: no such directory")
 
     from mlxring import jobs
-    from mlxring.generate import LocalChain
+    from mlxring.node import head_engine
     from mlxring.shards import load_shard, num_layers
 
-    chain = LocalChain([load_shard(args.model, 0, num_layers(args.model), is_head=True)])
-    jobs.generate(chain, args.model, job_options(args))
+    shard = load_shard(args.model, 0, num_layers(args.model), is_head=True)
+    engine = head_engine(shard, None, args.model, job_options(args))
+    try:
+        jobs.generate(engine, args.model, job_options(args))
+    finally:
+        engine.close()
     return 0

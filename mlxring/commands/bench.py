@@ -1,0 +1,60 @@
+"""`mlxring bench`: throughput of one node, a lockstep ring, or a pipelined ring."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mlxring.errors import UserError
+
+MODES = ("single", "lockstep", "pipelined")
+
+
+def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--ranks", type=int, help="a local ring of N processes")
+    where.add_argument("--config", help="the cluster this file defines")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="pipelined",
+        help="single: mlx-lm's own BatchGenerator on one node (the baseline)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object, no bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    if min(args.concurrency, args.prompt_tokens, args.gen_tokens) < 1:
+        raise UserError("--concurrency, --prompt-tokens and --gen-tokens must be >= 1")
+    opts = {"concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
+            "gen_tokens": args.gen_tokens, "mode": args.mode, "progress": not args.json,
+            "max_batch": max(16, args.concurrency)}  # fmt: skip
+    if args.mode == "single":
+        from mlxring.workload import bench_single
+
+        print_summary(bench_single(args.model, opts), args.json)
+        return 0
+    import io
+
+    from mlxring.launch import launch_job
+
+    captured = io.BytesIO()
+    code = launch_job(args.config, args.ranks or 1, args.model, "bench", opts, captured)
+    if code:
+        return code
+    print_summary(json.loads(captured.getvalue().decode().strip().splitlines()[-1]), args.json)
+    return 0
+
+
+def print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print(f"{summary['mode']}, concurrency {summary['concurrency']}: "
+          f"aggregate {summary['aggregate_tok_s']:.2f} tok/s, per request "
+          f"{summary['per_request_tok_s']} tok/s, TTFT p50 {summary['ttft_ms_p50']:.0f} ms "
+          f"p95 {summary['ttft_ms_p95']:.0f} ms")  # fmt: skip

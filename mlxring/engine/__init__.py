@@ -1,0 +1,1 @@
+"""Continuous batching on the head: requests, the scheduler, stage state, the engine loop."""

@@ -1,0 +1,91 @@
+"""A request and its sequence: sampling parameters, generated tokens, stop conditions."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature >= 0, 0 < top_p <= 1 and top_k >= 0 are required")
+
+
+@dataclass
+class Sequence:
+    """One request as the scheduler sees it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int] = frozenset()
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    prefilled: int = 0  # prompt tokens already through every stage
+    group: int | None = None  # decode micro-batch, once prefilled
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    key: mx.array | None = None  # per-request PRNG state (seeded sampling)
+
+    def __post_init__(self):
+        if not self.prompt:
+            raise ValueError("the prompt is empty")
+        if self.params.temperature > 0:
+            seed = self.params.seed if self.params.seed is not None else self.id * 7919
+            self.key = mx.random.key(seed)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled >= len(self.prompt) - 1  # the last prompt token decodes first
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def next_input(self) -> int:
+        """The token the next decode step feeds (the last prompt token, then the last sample)."""
+        return self.tokens[-1] if self.tokens else self.prompt[-1]
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.params.max_tokens:
+            self.finish_reason = "length"
+
+
+def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
+    """One token per row of `logits` [B, vocab], with each sequence's own parameters."""
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    greedy = mx.argmax(logprobs, axis=-1)
+    out = []
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.temperature == 0:
+            out.append(greedy[i])
+            continue
+        row = logprobs[i : i + 1]
+        if 0 < p.top_k < row.shape[-1]:
+            row = apply_top_k(row, p.top_k)
+        if p.top_p < 1.0:
+            row = apply_top_p(row, p.top_p)
+        seq.key, sub = mx.random.split(seq.key)
+        out.append(mx.random.categorical(row * (1 / p.temperature), key=sub)[0])
+    return [int(t) for t in mx.stack(out).tolist()] if out else []

@@ -1,0 +1,170 @@
+"""The head's scheduler: which step goes round the ring next, and what its results mean.
+
+A step is either one prefill chunk of one sequence, or one decode step of a
+micro-batch ("group"). Every prompt token but the last is prefilled in chunks;
+the sequence then joins the group with the fewest members, and its first decode
+step feeds the last prompt token (as mlx-lm's generate_step does). Groups are
+disjoint and have at most one step in flight, so with one group per stage every
+stage can work on a different group at once (pipelining); one group is lockstep.
+
+Membership changes ride on the step headers, so every stage applies them to its
+own caches in the same order: `admit` (prefilled sequences joining a group),
+`evict` (finished or cancelled members), `drop` (cancelled during prefill).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mlxring.engine.request import Sequence
+
+
+@dataclass
+class Step:
+    kind: str  # "prefill" | "decode"
+    seqs: list[Sequence]  # prefill: the one sequence; decode: the group's members, in order
+    inputs: list[list[int]]  # token ids fed per sequence
+    group: int | None = None
+    new: bool = False  # prefill: the sequence's first chunk (fresh caches on every stage)
+    admit: list[int] = field(default_factory=list)
+    evict: list[int] = field(default_factory=list)
+    drop: list[int] = field(default_factory=list)
+
+    def header(self) -> dict:
+        """What every stage needs to apply this step to its own caches."""
+        if self.kind == "prefill":
+            first = {"seq": self.seqs[0].id, "new": self.new}
+            return {"op": "step", "kind": "prefill", **first, "drop": self.drop}
+        members = {"group": self.group, "admit": self.admit, "evict": self.evict}
+        seqs = [s.id for s in self.seqs]
+        return {"op": "step", "kind": "decode", **members, "seqs": seqs, "drop": self.drop}
+
+
+class Scheduler:
+    """FIFO admission up to `max_batch` live sequences; chunked prefill between decode steps."""
+
+    def __init__(self, max_batch: int, prefill_chunk: int, num_groups: int):
+        self.max_batch, self.prefill_chunk, self.num_groups = max_batch, prefill_chunk, num_groups
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.groups: list[list[Sequence]] = [[] for _ in range(num_groups)]
+        self.to_admit: list[list[Sequence]] = [[] for _ in range(num_groups)]
+        self.to_evict: list[list[int]] = [[] for _ in range(num_groups)]
+        self.to_drop: list[int] = []
+        self.busy_groups: set[int] = set()
+        self.busy_seqs: set[int] = set()
+        self._last_prefill = False
+        self._next_group = 0
+
+    @property
+    def live(self) -> int:
+        members = sum(len(g) for g in self.groups) + sum(len(a) for a in self.to_admit)
+        return len(self.prefilling) + members
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Stop `seq`; its caches are freed on every stage by the next step that can say so."""
+        if seq.finished:
+            return
+        seq.finish_reason = reason
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.prefilling and seq.id not in self.busy_seqs:
+            self.prefilling.remove(seq)
+            self.to_drop.append(seq.id)
+        elif seq.group is not None and seq.id not in self.busy_seqs:
+            self._leave_group(seq)
+        # in flight: complete() finishes the job
+
+    def _leave_group(self, seq: Sequence) -> None:
+        pending = self.to_admit[seq.group]
+        if seq in pending:  # never reached the stages' group: drop its prefill caches
+            pending.remove(seq)
+            self.to_drop.append(seq.id)
+        elif seq in self.groups[seq.group]:
+            self.groups[seq.group].remove(seq)
+            self.to_evict[seq.group].append(seq.id)
+
+    def _join_group(self, seq: Sequence) -> None:
+        sizes = [len(g) + len(a) for g, a in zip(self.groups, self.to_admit)]
+        seq.group = min(range(self.num_groups), key=lambda m: (sizes[m], m))
+        self.to_admit[seq.group].append(seq)
+
+    def _admit_waiting(self) -> None:
+        while self.waiting and self.live < self.max_batch:
+            seq = self.waiting.popleft()
+            if seq.prefill_done:  # a one-token prompt: nothing to prefill
+                self._join_group(seq)
+            else:
+                self.prefilling.append(seq)
+
+    def next_step(self) -> Step | None:
+        """The next step to send, or None when nothing can go now; marks it in flight."""
+        self._admit_waiting()
+        prefill = next((s for s in self.prefilling if s.id not in self.busy_seqs), None)
+        decode = self._ready_group()
+        if prefill is not None and (decode is None or not self._last_prefill):
+            step = self._prefill_step(prefill)
+        elif decode is not None:
+            step = self._decode_step(decode)
+        else:
+            return None
+        self._last_prefill = step.kind == "prefill"
+        step.drop, self.to_drop = self.to_drop, []
+        return step
+
+    def _ready_group(self) -> int | None:
+        for i in range(self.num_groups):
+            m = (self._next_group + i) % self.num_groups
+            if m not in self.busy_groups and (
+                self.groups[m] or self.to_admit[m] or self.to_evict[m]
+            ):
+                self._next_group = (m + 1) % self.num_groups
+                return m
+        return None
+
+    def _prefill_step(self, seq: Sequence) -> Step:
+        end = min(seq.prefilled + self.prefill_chunk, len(seq.prompt) - 1)
+        self.busy_seqs.add(seq.id)
+        return Step("prefill", [seq], [seq.prompt[seq.prefilled : end]], new=seq.prefilled == 0)
+
+    def _decode_step(self, m: int) -> Step:
+        admit, self.to_admit[m] = self.to_admit[m], []
+        evict, self.to_evict[m] = self.to_evict[m], []
+        self.groups[m].extend(admit)
+        members = self.groups[m]
+        self.busy_groups.add(m)
+        self.busy_seqs.update(s.id for s in members)
+        step = Step("decode", list(members), [[s.next_input] for s in members], group=m)
+        step.admit, step.evict = [s.id for s in admit], evict
+        return step
+
+    def complete(self, step: Step, sampled: list[int]) -> list[Sequence]:
+        """Apply a step's results; the sequences that got a new token."""
+        self.busy_seqs.difference_update(s.id for s in step.seqs)
+        if step.kind == "prefill":
+            seq = step.seqs[0]
+            seq.prefilled += len(step.inputs[0])
+            if seq.finished:  # cancelled while in flight
+                self.prefilling.remove(seq)
+                self.to_drop.append(seq.id)
+            elif seq.prefill_done:
+                self.prefilling.remove(seq)
+                self._join_group(seq)
+            return []
+        self.busy_groups.discard(step.group)
+        advanced = []
+        for seq, token in zip(step.seqs, sampled):
+            if not seq.finished:
+                seq.append(token)
+                advanced.append(seq)
+            if seq.finished:
+                self._leave_group(seq)
+        return advanced
+
+    @property
+    def idle(self) -> bool:
+        return self.live == 0 and not self.waiting and not any(self.to_evict) and not self.to_drop

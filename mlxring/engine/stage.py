@@ -1,0 +1,84 @@
+"""A stage's caches for every live sequence, driven by the step headers.
+
+Each stage (the head included) keeps, for its own layers only: single-sequence
+caches for sequences in prefill, and one batched cache per decode group, built
+with mlx-lm's batch caches (`merge`, `extend`, `filter`). A header is applied
+in the same order on every stage, so all stages agree on every group's members.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlxring.transport import ProtocolError
+
+
+class Group:
+    def __init__(self):
+        self.seqs: list[int] = []
+        self.caches: list | None = None  # one batch cache per local layer
+
+    def admit(self, seq: int, singles: list) -> None:
+        batch = [c.merge([c]) for c in singles]
+        if self.caches is None:
+            self.caches = batch
+        else:
+            for mine, theirs in zip(self.caches, batch):
+                mine.extend(theirs)
+        self.seqs.append(seq)
+
+    def evict(self, seqs: list[int]) -> None:
+        keep = [i for i, s in enumerate(self.seqs) if s not in seqs]
+        if len(keep) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in keep]
+        if not keep:
+            self.caches = None
+        else:
+            for c in self.caches:
+                c.filter(mx.array(keep))
+
+
+class StageState:
+    """Applies step headers to one shard's layers and caches."""
+
+    def __init__(self, shard):
+        self.shard = shard
+        self.singles: dict[int, list] = {}  # prefilling sequences' caches
+        self.groups: dict[int, Group] = {}
+
+    def _drop(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            self.singles.pop(seq, None)
+
+    def apply(self, header: dict, x: dict[str, mx.array] | None) -> dict[str, mx.array] | None:
+        """Run this stage's layers for one step; None when the step computes nothing."""
+        self._drop(header.get("drop", ()))
+        if header["kind"] == "prefill":
+            seq = header["seq"]
+            if header["new"]:
+                self.singles[seq] = self.shard.make_cache()
+            elif seq not in self.singles:
+                raise ProtocolError(f"prefill chunk for unknown sequence {seq}")
+            return self.shard(x, self.singles[seq])
+        group = self.groups.setdefault(header["group"], Group())
+        if header["evict"]:
+            group.evict(header["evict"])
+        for seq in header["admit"]:
+            singles = self.singles.pop(seq, None)
+            group.admit(seq, singles if singles is not None else self.shard.make_cache())
+        if group.seqs != header["seqs"]:
+            raise ProtocolError(
+                f"group {header['group']} holds {group.seqs} but the step is for {header['seqs']}"
+            )
+        if not group.seqs:
+            return None
+        return self.shard(x, group.caches)
+
+    def stats(self) -> dict:
+        """Live sequences and the bytes their caches hold on this stage."""
+        nbytes = sum(c.nbytes for caches in self.singles.values() for c in caches)
+        nbytes += sum(c.nbytes for g in self.groups.values() if g.caches for c in g.caches)
+        live = sorted([*self.singles, *(s for g in self.groups.values() for s in g.seqs)])
+        return {"layers": [self.shard.start, self.shard.end], "sequences": live,
+                "cache_bytes": nbytes}  # fmt: skip
