@@ -1,4 +1,4 @@
-"""What the head does with a ready ring: generate from one prompt, or a prompt loop.
+"""What the head does with a ready ring: generate from one prompt.
 
 Jobs drive an `Engine` (mlxring.engine.engine). `complete` is the plain
 one-sequence loop over a `LocalChain`, kept as the simplest reference path.
@@ -71,16 +71,6 @@ def generate(engine, model_dir: str, opts: dict) -> None:
     result = run_prompt(engine, load_tokenizer(model_dir), opts["prompt"], opts)
     if opts.get("json"):
         print(json.dumps(result), flush=True)
-
-
-def repl(engine, model_dir: str, opts: dict) -> None:
-    """Read prompts from stdin, one per line, until an empty line or end of input."""
-    tokenizer = load_tokenizer(model_dir)
-    print("ring ready: type a prompt and press Enter (empty line or Ctrl-D stops)", flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        run_prompt(engine, tokenizer, line.strip(), opts)
 
 
 def complete(model, tokenizer, prompt: str, opts: dict) -> dict:

@@ -129,6 +129,9 @@ def rank_specs(
         if node.is_local:  # run this very mlxring, installed or not
             env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
         secret = key_env if not key_files[rank] else {}
+        if rank == 0 and node.is_local and cluster.api.api_keys and not node.ssh:
+            # API keys reach a local head through its environment, not its command line
+            secret = {**secret, "MLXRING_API_KEYS": ",".join(cluster.api.api_keys)}
         specs.append(RankSpec(rank, node, tuple(argv), env, files, node.cwd or os.getcwd(), secret))
     return specs
 
@@ -193,6 +196,6 @@ def launch_job(config: str | None, ranks: int | None, model: str | None, job: st
 
     cluster, model, plan = resolve(config, ranks, model)
     specs = rank_specs(cluster, plan, model, job, job_options)
-    supervisor = Supervisor(specs, head_output_raw=job != "repl", head_output=head_output,
+    supervisor = Supervisor(specs, head_output_raw=job != "serve", head_output=head_output,
                             progress=job_options.get("progress", False))  # fmt: skip
     return supervisor.run()

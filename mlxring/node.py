@@ -1,7 +1,7 @@
 """One rank of a ring, as started by `mlxring launch` (or `generate --ranks/--config`).
 
     python -m mlxring.node --name NAME --model DIR --layers START END \
-        [--backend ring|jaccl] [--job generate|repl] [--job-args JSON]
+        [--backend ring|jaccl] [--job serve|generate|batch|bench] [--job-args JSON]
 
 The rank comes from the environment mlx.distributed reads (`MLX_RANK`,
 `MLX_HOSTFILE`, or JACCL's). Rank 0 is the head and runs the job; the other
@@ -20,8 +20,8 @@ import threading
 
 CONTROL = "\x1e@mlxring"
 EXIT_OK, EXIT_CRASH, EXIT_USER_ERROR, EXIT_PEER_LOST, EXIT_AUTH, EXIT_INTEGRITY = range(6)
-JOBS = {"generate": "mlxring.jobs", "repl": "mlxring.jobs", "batch": "mlxring.workload",
-        "bench": "mlxring.workload"}  # fmt: skip
+JOBS = {"generate": "mlxring.jobs", "serve": "mlxring.server.serve",
+        "batch": "mlxring.workload", "bench": "mlxring.workload"}  # fmt: skip
 NO_CRYPTO_ENV = "MLXRING_UNSAFE_NO_CRYPTO"  # benchmarks only: plain hops, no handshake
 
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True)
     parser.add_argument("--layers", type=int, nargs=2, required=True, metavar=("START", "END"))
     parser.add_argument("--backend", default="ring", choices=("ring", "jaccl"))
-    parser.add_argument("--job", default="repl", choices=JOBS)
+    parser.add_argument("--job", default="serve", choices=JOBS)
     parser.add_argument("--job-args", default="{}", help="JSON options of the head's job")
     return parser.parse_args(argv)
 

@@ -8,6 +8,8 @@ keep KV caches for their own layers only, driven by the step headers.
 
 from __future__ import annotations
 
+import time
+
 from mlxring.engine.stage import StageState
 from mlxring.transport import Channel, ProtocolError
 
@@ -20,7 +22,9 @@ def serve_stage(shard, channel: Channel) -> None:
         header, x = channel.recv()
         op = header.get("op")
         if op == "step":
+            started = time.perf_counter()
             channel.send(header, state.apply(header, x or None), layers=layers)
+            state.record(time.perf_counter() - started)  # send evaluates the step
         elif op == "stats":
             header["stages"].append(state.stats())
             channel.send(header, layers=layers)

@@ -61,6 +61,7 @@ class Supervisor:
         self.specs = specs
         self.head_output = head_output  # binary stream for the head's raw output (stdout)
         self.progress = progress  # draw the head's "progress" control lines as a bar
+        self.serving: str | None = None  # "URL MODEL" once the head's API listens
         self.bar = None
         self.head_output_raw = head_output_raw
         self.startup_timeout = startup_timeout
@@ -86,6 +87,10 @@ class Supervisor:
                     rank.remote_pid = int(rest)
                 elif word == "error":
                     rank.error = rest
+                elif word == "serving":
+                    self.serving = rest
+                    url, _, model = rest.partition(" ")
+                    self.log(f"serving {model} at {url} (OpenAI API); Ctrl-C stops every rank")
                 elif word == "progress" and self.progress:
                     self._show_progress(*map(int, rest.split()))
                 continue
@@ -111,10 +116,9 @@ class Supervisor:
 
     # processes --------------------------------------------------------------
     def _start(self, spec: RankSpec) -> Rank:
-        head_repl = spec.rank == 0 and not self.head_output_raw and not spec.remote
         proc = subprocess.Popen(
             spec.command(),
-            stdin=None if head_repl else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: stopped as a whole

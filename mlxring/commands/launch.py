@@ -1,4 +1,4 @@
-"""`mlxring launch`: start every rank of a cluster and run the head's prompt loop."""
+"""`mlxring launch`: start every rank of a cluster and serve the OpenAI API on the head."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ import sys
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="cluster definition (YAML)")
     parser.add_argument("--model", help="model directory (overrides the config's model)")
+    parser.add_argument("--host", help="API address (overrides api.host; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="API port (overrides api.port; default 8000)")
+    parser.add_argument(
+        "--mode",
+        choices=("pipelined", "lockstep"),
+        default="pipelined",
+        help="micro-batch pipelining across the stages, or one batch at a time",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -18,17 +26,33 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def serve_options(cluster, model: str, args: argparse.Namespace) -> dict:
+    """The head's `serve` job options (API keys travel in the environment, not here)."""
+    return {
+        "host": args.host or cluster.api.host,
+        "port": args.port or cluster.api.port,
+        "max_batch": cluster.batching.max_batch,
+        "prefill_chunk": cluster.batching.prefill_chunk,
+        "mode": args.mode,
+        "model_name": os.path.basename(os.path.normpath(model)),
+    }
+
+
 def main(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from mlxring.cluster import api_warning, plan_table
-    from mlxring.config import load_config
     from mlxring.launch import launch_job, rank_specs, resolve
 
-    if warning := api_warning(load_config(args.config), os.environ.get("MLXRING_API_KEYS")):
-        print(f"mlxring: warning: {warning}", file=sys.stderr)
-    if not args.dry_run:
-        return launch_job(args.config, None, args.model, "repl", {})
     cluster, model, plan = resolve(args.config, None, args.model)
-    specs = rank_specs(cluster, plan, model, "repl", {})
+    if args.host:
+        cluster = replace(cluster, api=replace(cluster.api, host=args.host))
+    if warning := api_warning(cluster, os.environ.get("MLXRING_API_KEYS")):
+        print(f"mlxring: warning: {warning}", file=sys.stderr)
+    opts = serve_options(cluster, model, args)
+    if not args.dry_run:
+        return launch_job(args.config, None, args.model, "serve", opts)
+    specs = rank_specs(cluster, plan, model, "serve", opts)
     print(plan_table(cluster, plan, model))
     for var, content in sorted(specs[0].files.items()):
         print(f"\n{var}:\n{json.dumps(json.loads(content), indent=2)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -187,11 +188,14 @@ class Engine:
 
     def _launch(self, step: Step) -> None:
         header = step.header()
+        started = time.perf_counter()
         x = self.state.apply(header, self._inputs(step))
         if self.channel is None:
             self._finish_step(step, x)
+            self.state.record(time.perf_counter() - started)
             return
         self.channel.send(header, x, layers=(self.shard.start, self.shard.end))
+        self.state.record(time.perf_counter() - started)
         self.in_flight.append(step)
 
     def _land(self, pending) -> None:

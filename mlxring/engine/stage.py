@@ -46,6 +46,12 @@ class StageState:
         self.shard = shard
         self.singles: dict[int, list] = {}  # prefilling sequences' caches
         self.groups: dict[int, Group] = {}
+        self.step_seconds = 0.0  # moving average of a step's compute (and send) here
+
+    def record(self, seconds: float) -> None:
+        self.step_seconds = (
+            seconds if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * seconds
+        )
 
     def _drop(self, seqs: list[int]) -> None:
         for seq in seqs:
@@ -81,4 +87,4 @@ class StageState:
         nbytes += sum(c.nbytes for g in self.groups.values() if g.caches for c in g.caches)
         live = sorted([*self.singles, *(s for g in self.groups.values() for s in g.seqs)])
         return {"layers": [self.shard.start, self.shard.end], "sequences": live,
-                "cache_bytes": nbytes}  # fmt: skip
+                "cache_bytes": nbytes, "step_ms": round(self.step_seconds * 1000, 3)}  # fmt: skip
