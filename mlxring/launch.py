@@ -105,7 +105,7 @@ def rank_specs(
     """One RankSpec per node, in ring order; rank 0 (the head) runs `job`."""
     size = len(cluster.nodes)
     key_files, key_env = key_sources(cluster)
-    env_all: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    env_all: dict[str, str] = {"PYTHONUNBUFFERED": "1", "MLXRING_WATCH_PARENT": "1"}
     files: dict[str, str] = {}
     if size > 1 and cluster.backend == "ring":
         hostfile = [[ring_address(r, n)] for r, n in enumerate(cluster.nodes)]

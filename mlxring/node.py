@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 CONTROL = "\x1e@mlxring"
 EXIT_OK, EXIT_CRASH, EXIT_USER_ERROR, EXIT_PEER_LOST, EXIT_AUTH, EXIT_INTEGRITY = range(6)
@@ -111,7 +112,15 @@ def head_engine(shard, channel, model: str, opts: dict):
     size = channel.transport.size if channel is not None else 1
     return Engine(shard, channel, load_tokenizer(model), num_stages=size,
                   mode=opts.get("mode", "pipelined"), max_batch=opts.get("max_batch", 16),
-                  prefill_chunk=opts.get("prefill_chunk", 512))  # fmt: skip
+                  prefill_chunk=opts.get("prefill_chunk", 512),
+                  step_timeout=opts.get("step_timeout", 60.0))  # fmt: skip
+
+
+def exit_with_parent(parent: int) -> None:
+    """Die with the launcher (or the ssh session) that started this rank: never an orphan."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(EXIT_PEER_LOST)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     from mlxring.transport import PeerLost
 
     args = parse_args(argv)
+    if os.environ.get("MLXRING_WATCH_PARENT") == "1":
+        threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         run(args)
     except PeerLost as e:
@@ -144,4 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter teardown: mlx may abort there after other threads computed with it
+    os._exit(code)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up and run mlxring from a fresh clone, needing only python3.
 
-    python3 scripts/dev.py demo   # tiny model, generate through mlxring
+    python3 scripts/dev.py demo   # a 2-rank ring on a tiny model, serving the OpenAI API
     python3 scripts/dev.py test   # lint + the whole test suite
 
 Creates `.venv/` (once; again when pyproject.toml changes) and installs the
@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,11 +47,44 @@ def setup() -> None:
 
 
 def demo() -> None:
-    print("demo: a tiny random-weight Llama, so the reply is noise; the machinery is real")
+    """A local 2-rank ring serving the tiny model; one chat request; then keep serving."""
+    print("demo: a tiny random-weight Llama, so replies are noise; the machinery is real")
     if not (DEMO_MODEL / "config.json").is_file():
         run(BIN / "mlxring", "make-tiny", "--family", "llama", "--out", DEMO_MODEL)
-    run(BIN / "mlxring", "generate", "--model", DEMO_MODEL, "--prompt", DEMO_PROMPT,
-        "--max-tokens", "32")  # fmt: skip
+    port = free_port()
+    cmd = [str(BIN / "mlxring"), "launch", "configs/local-2.yaml", "--model", str(DEMO_MODEL),
+           "--port", str(port)]  # fmt: skip
+    print("+", " ".join(cmd), flush=True)
+    ring = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        ask = (
+            "import sys, time\nfrom openai import OpenAI\n"
+            "client = OpenAI(base_url=sys.argv[1], api_key='none', max_retries=0)\n"
+            "for _ in range(600):\n"
+            "    try: client.models.list(); break\n"
+            "    except Exception: time.sleep(0.5)\n"
+            "r = client.chat.completions.create(model=sys.argv[2], max_tokens=24,\n"
+            "    messages=[{'role': 'user', 'content': sys.argv[3]}])\n"
+            "print(f'\\nreply: {r.choices[0].message.content!r}\\n')\n"
+        )
+        subprocess.run([str(BIN / "python"), "-c", ask, url, DEMO_MODEL.name, DEMO_PROMPT],
+                       check=True)  # fmt: skip
+        print(f"serving at {url}; try:\n  curl {url}/chat/completions -H 'content-type: "
+              f"application/json' -d '{{\"model\": \"{DEMO_MODEL.name}\", \"messages\": "
+              f"[{{\"role\": \"user\", \"content\": \"hi\"}}]}}'\n"
+              "Ctrl-C stops every rank.", flush=True)  # fmt: skip
+        ring.wait()
+    finally:
+        if ring.poll() is None:
+            ring.send_signal(signal.SIGINT)  # the launcher stops every rank
+            ring.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test(pytest_args: list[str]) -> None:

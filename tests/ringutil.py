@@ -52,6 +52,22 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def stop_launcher(proc: subprocess.Popen, grace: float = 15) -> None:
+    """Stop an `mlxring launch` process the way a user does (Ctrl-C: it stops its ranks),
+    then make sure: SIGKILL the launcher's group and every rank it started."""
+    ranks = [p for p in children(proc.pid) if "mlxring.node" in cmdline(p)]
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    for pid in [proc.pid, *ranks]:
+        kill_group(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_ring(script: str, size: int, *args: str, timeout: float = 120) -> list[tuple[int, str]]:
     """Run `python script args` as `size` ranks of a real ring on loopback.
 

@@ -15,7 +15,7 @@ import pytest
 
 from mlxring.crypto.keys import new_key, write_key
 from tests import sshd
-from tests.ringutil import alive, kill_group
+from tests.ringutil import alive, free_port, stop_launcher
 
 pytestmark = pytest.mark.skipif(not sshd.available(), reason="needs OpenSSH (ssh and sshd)")
 
@@ -68,7 +68,8 @@ def test_generate_over_ssh_equals_local_ring(tiny_llama, tmp_path, server):
 
 def test_remote_rank_killed_is_reported_and_nothing_remains(tiny_llama, tmp_path, server):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxring", "launch", cluster(tmp_path), "--model", str(tiny_llama)],
+        [sys.executable, "-m", "mlxring", "launch", cluster(tmp_path), "--model", str(tiny_llama),
+         "--port", str(free_port())],
         env=env(server), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )  # fmt: skip
@@ -88,8 +89,7 @@ def test_remote_rank_killed_is_reported_and_nothing_remains(tiny_llama, tmp_path
         time.sleep(0.5)
         assert not any(alive(p) for p in node_pids(tiny_llama, "head") + far)
     finally:
-        kill_group(proc.pid)
-        proc.wait()
+        stop_launcher(proc)
 
 
 def test_a_node_started_over_ssh_needs_a_key_file(tiny_llama, tmp_path, server):

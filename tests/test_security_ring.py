@@ -26,7 +26,8 @@ def test_a_rank_with_a_different_key_stops_launch_within_5s_naming_it(tiny_llama
     )
     started = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "mlxring", "launch", str(config), "--model", str(tiny_llama)],
+        [sys.executable, "-m", "mlxring", "launch", str(config), "--model", str(tiny_llama),
+         "--port", str(free_port())],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     took = time.monotonic() - started

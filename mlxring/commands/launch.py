@@ -20,6 +20,12 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
         help="micro-batch pipelining across the stages, or one batch at a time",
     )
     parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=60.0,
+        help="seconds without an answer before the ring is declared down (503)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the plan, hostfile and commands; start nothing",
@@ -34,6 +40,7 @@ def serve_options(cluster, model: str, args: argparse.Namespace) -> dict:
         "max_batch": cluster.batching.max_batch,
         "prefill_chunk": cluster.batching.prefill_chunk,
         "mode": args.mode,
+        "step_timeout": args.step_timeout,
         "model_name": os.path.basename(os.path.normpath(model)),
     }
 

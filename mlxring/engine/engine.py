@@ -29,6 +29,7 @@ from mlxring.engine.stage import StageState
 from mlxring.transport import ProtocolError
 
 MODES = ("pipelined", "lockstep")
+STEP_TIMEOUT = 60.0  # seconds without any step back before the ring is declared down
 
 
 @dataclass
@@ -98,7 +99,8 @@ class Detok:
 
 class Engine:
     def __init__(self, shard, channel, tokenizer, num_stages: int = 1, mode: str = "pipelined",
-                 max_batch: int = 16, prefill_chunk: int = 512):  # fmt: skip
+                 max_batch: int = 16, prefill_chunk: int = 512,
+                 step_timeout: float = STEP_TIMEOUT):  # fmt: skip
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.shard, self.channel, self.tokenizer = shard, channel, tokenizer
@@ -111,8 +113,28 @@ class Engine:
         self.error: BaseException | None = None
         self.in_flight: deque = deque()
         self.steps_done = 0
+        self.step_timeout = step_timeout
+        self.last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.thread.start()
+        if channel is not None:
+            threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        """A rank that stops answering (frozen, SIGSTOP) blocks the ring's receive forever,
+        which cannot be interrupted: after `step_timeout` the ring is declared down and every
+        request fails (the API answers 503) instead of hanging."""
+        while self.error is None and self.thread.is_alive():
+            time.sleep(min(1.0, self.step_timeout / 4))
+            stalled = time.monotonic() - self.last_progress
+            if self.in_flight and stalled > self.step_timeout:
+                self._fail(TimeoutError(f"no answer from the ring for {stalled:.0f} s "
+                                        "(a rank is frozen or unreachable)"))  # fmt: skip
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = error
+        for handle in list(self.handles.values()):
+            handle.push(Event(None, "", "error"))
 
     # API (any thread) -------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams | None = None,
@@ -167,19 +189,22 @@ class Engine:
                     if self.commands.empty() and not idle:
                         break
                     running = self._command(block=idle)
+                if not self.in_flight:
+                    self.last_progress = time.monotonic()
                 while len(self.in_flight) < self.depth and (step := self.scheduler.next_step()):
                     self._launch(step)
-                if self.in_flight:
-                    self._land(self.in_flight.popleft())
+                if self.in_flight:  # the oldest step comes back first (the ring is FIFO)
+                    self._land(self.in_flight[0])
+                    self.in_flight.popleft()
             if self.channel is not None:
                 self.channel.send({"op": "stop"})
                 self.channel.recv()
                 self.channel.transport.flush()
         except BaseException as e:  # the ring is down: fail every request, loudly
-            self.error = e
-            for handle in self.handles.values():
-                handle.push(Event(None, "", "error"))
+            self._fail(e)
             raise
+        finally:
+            mx.clear_streams()  # this thread's streams: left alive they abort the process at exit
 
     def _inputs(self, step: Step) -> dict[str, mx.array] | None:
         if not step.seqs:
@@ -200,6 +225,7 @@ class Engine:
 
     def _land(self, pending) -> None:
         header, x = self.channel.recv()
+        self.last_progress = time.monotonic()
         if isinstance(pending, Future):
             if header.get("op") != "stats":
                 raise ProtocolError(f"expected stats back, got {header.get('op')}")

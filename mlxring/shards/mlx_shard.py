@@ -87,9 +87,7 @@ class MlxShard:
                 model.layers[i] = Absent()
         if not is_head:
             shard.drop_head_modules()
-        weights = load_subset(model_dir, shard.keeps)
-        if hasattr(model, "sanitize"):
-            weights = model.sanitize(weights)
+        weights = shard.sanitize(load_subset(model_dir, shard.keeps))
         if quantization := quantization_of(config):
             quantize(model, quantization, weights)
         try:
@@ -97,7 +95,13 @@ class MlxShard:
         except ValueError as e:
             raise CheckpointError(f"{model_dir}: weights do not match the model: {e}") from e
         mx.eval(model.parameters())
+        # private arrays too (rope frequencies): lazy ones cannot be evaluated on another thread
+        mx.eval([v for m in model.modules() for v in m.values() if isinstance(v, mx.array)])
         return shard
+
+    def sanitize(self, weights: dict) -> dict:
+        """Checkpoint tensors -> the model's names and shapes (mlx-lm's `sanitize`)."""
+        return self.model.sanitize(weights) if hasattr(self.model, "sanitize") else weights
 
     @property
     def nbytes(self) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 # family -> module of mlxring.tiny with `build(layers, hidden, intermediate, heads, layout)`
 # returning a transformers model, and optionally `finish(out, layout)` run after saving
 FAMILIES = {"llama": "llama", "gpt_oss": "gpt_oss", "gemma3": "gemma", "gemma4": "gemma"}
-LAYOUTS = {"gpt_oss": ("transformers", "original", "mlx-community")}
+LAYOUTS = {"gpt_oss": ("transformers", "original", "original-mxfp4", "mlx-community",
+                       "mlx-community-8bit", "mlx-community-4bit")}  # fmt: skip
 VOCAB_SIZE = 384
 # A larger init than transformers' default (0.02) keeps random logits far from
 # flat, so greedy decoding is discriminating instead of repeating one token.

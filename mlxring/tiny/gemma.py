@@ -13,8 +13,11 @@ from mlxring.tiny import INIT_STD, VOCAB_SIZE
 SLIDING_WINDOW = 4
 GEMMA3_PATTERN = 3  # a global layer every 3 layers: 2 and 5 of 6
 GEMMA4_SHARED = 2  # the last 2 layers reuse an earlier layer's K/V
-# Embeddings are multiplied by sqrt(hidden): a smaller init keeps them in range.
-EMBED_STD = 0.08
+# Embeddings are multiplied by sqrt(hidden) and tied to the output: a small init
+# keeps each token from mostly predicting itself; random norm scales (instead of
+# all ones) make the layers' outputs less alike. Both make greedy tokens vary.
+EMBED_STD = 0.02
+NORM_STD = 0.5
 
 
 def gemma4_layer_types(layers: int) -> list[str]:
@@ -75,17 +78,19 @@ def build(family: str, layers: int, hidden: int, intermediate: int | None, heads
             final_logit_softcapping=30.0,
         )
         model = Gemma4ForCausalLM(config)
-    _smaller_embeddings(model)
+    _reinit(model)
     return model
 
 
-def _smaller_embeddings(model) -> None:
+def _reinit(model) -> None:
     import torch
 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "embed_tokens" in name:
                 p.normal_(0.0, EMBED_STD)
+            elif "norm" in name:
+                p.add_(torch.randn_like(p) * NORM_STD)
 
 
 def finish(out, layout: str | None) -> None:

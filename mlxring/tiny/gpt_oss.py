@@ -52,6 +52,18 @@ def build(family: str, layers: int, hidden: int, intermediate: int | None, heads
         num_experts_per_tok=2,
         sliding_window=4,  # shorter than the test prompts
         max_position_embeddings=4096,
+        # gpt-oss's yarn rope, but truncated: mlx-lm's YarnRoPE always floors/ceils
+        # the correction range, transformers (and the release, truncate=False)
+        # need not. Truncated, both compute the same function.
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096,
+            "truncate": True,
+        },
         initializer_range=INIT_STD,
         bos_token_id=1,
         eos_token_id=2,
@@ -128,9 +140,9 @@ def to_mlx_community(out: Path, quantization: dict | None) -> None:
 
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import load_model, quantize_model, save_config
+    from mlx_lm.utils import quantize_model, save_config
 
-    model, config = load_model(out)
+    model, config = mlx_lm_model(out)
     if quantization:
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints bits per weight
             model, config = quantize_model(model, config, **quantization)
@@ -143,7 +155,7 @@ def to_mlx_community(out: Path, quantization: dict | None) -> None:
         part = name.split(".")[2] if ".layers." in name else "head"
         files.setdefault(part, {})[name] = w
     weight_map = {}
-    for i, (part, tensors) in enumerate(sorted(files.items()), start=1):
+    for i, (_, tensors) in enumerate(sorted(files.items()), start=1):
         file = f"model-{i:05d}-of-{len(files):05d}.safetensors"
         mx.save_safetensors(str(out / file), tensors, metadata={"format": "mlx"})
         weight_map.update(dict.fromkeys(tensors, file))
@@ -151,3 +163,23 @@ def to_mlx_community(out: Path, quantization: dict | None) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX).write_text(json.dumps(index, indent=4))
     save_config(config, out / "config.json")
+
+
+def mlx_lm_model(path: Path):
+    """mlx-lm's own full model and config of an original or mlx-community checkpoint.
+
+    mlx-lm's `sanitize` reads unquantized original experts only when named
+    `.weight`; this adds the suffix (nothing else) and lets mlx-lm do the rest.
+    """
+    from mlx_lm.models import gpt_oss
+    from mlx_lm.utils import load_model
+
+    class Model(gpt_oss.Model):
+        def sanitize(self, weights):
+            suffixed = {
+                f"{k}.weight" if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else k: v
+                for k, v in weights.items()
+            }
+            return super().sanitize(suffixed)
+
+    return load_model(Path(path), get_model_classes=lambda config: (Model, gpt_oss.ModelArgs))

@@ -1,0 +1,224 @@
+"""The OpenAI-compatible API on a real 2-rank ring, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import mlx.core as mx
+import openai
+import pytest
+from mlx_lm import load as mlx_lm_load
+from mlx_lm.generate import generate_step
+
+from mlxring import jobs
+from tests.ringutil import children, cmdline, free_port, stop_launcher
+
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    port = free_port()
+    config = tmp_path_factory.mktemp("api") / "cluster.yaml"
+    config.write_text(
+        f"name: api-ring\napi: {{port: {port}, api_keys: [{KEY}]}}\n"
+        "batching: {max_batch: 16, prefill_chunk: 16}\nnodes:\n"
+        "  - {name: head, host: localhost, memory_gb: 8}\n"
+        "  - {name: tail, host: localhost, memory_gb: 8}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxring", "launch", str(config), "--model", str(tiny_llama),
+         "--step-timeout", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        seen = ""
+        while "serving" not in seen:
+            line = proc.stderr.readline()
+            assert line, f"launch ended: {seen}"
+            seen += line
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        stop_launcher(proc)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """mlx-lm's greedy tokens (and text) for a prompt given as token ids."""
+    model, tokenizer = mlx_lm_load(str(tiny_llama))
+
+    def solo(prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str]:
+        tokens = []
+        for t, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens):
+            tokens.append(int(t))
+            if int(t) in tokenizer.eos_token_ids:
+                break
+        return tokens, tokenizer.decode([t for t in tokens if t not in tokenizer.eos_token_ids])
+
+    return tokenizer, solo
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def mlxring_generate(model, prompt: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "mlxring", "generate", "--model", str(model),
+                          "--prompt", prompt, "--max-tokens", "12", "--json", *args],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_chat_and_completions_equal_mlxring_generate(server, tiny_llama):
+    _, url = server
+    c = client(url)
+    want = mlxring_generate(tiny_llama, "Tell me about rings")
+    chat = c.chat.completions.create(
+        model=tiny_llama.name,
+        max_tokens=12,
+        temperature=0,
+        messages=[{"role": "user", "content": "Tell me about rings"}],
+    )
+    assert chat.choices[0].message.content == want["text"]
+    assert chat.usage.completion_tokens == len(want["tokens"])
+    assert chat.usage.prompt_tokens == want["prompt_tokens"]
+    stream = c.chat.completions.create(
+        model=tiny_llama.name, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Tell me about rings"}],
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want["text"]
+    assert chunks[-1].usage.completion_tokens == len(want["tokens"])
+
+    raw = mlxring_generate(tiny_llama, "Numbers like", "--raw")
+    comp = c.completions.create(model=tiny_llama.name, prompt="Numbers like", max_tokens=12,
+                                temperature=0)  # fmt: skip
+    assert comp.choices[0].text == raw["text"] and comp.usage.completion_tokens == 12
+    streamed = c.completions.create(model=tiny_llama.name, prompt="Numbers like", max_tokens=12,
+                                    temperature=0, stream=True)  # fmt: skip
+    assert "".join(ch.choices[0].text for ch in streamed) == raw["text"]
+
+
+def test_32_concurrent_streaming_clients(server, tiny_llama, reference):
+    _, url = server
+    tokenizer, solo = reference
+    prompts = [f"request {i}: " + "ring " * (i % 7) for i in range(32)]
+    limits = [4 + i % 9 for i in range(32)]
+
+    async def one(c: openai.AsyncOpenAI, prompt: str, limit: int) -> str:
+        stream = await c.chat.completions.create(
+            model=tiny_llama.name, max_tokens=limit, temperature=0, stream=True,
+            messages=[{"role": "user", "content": prompt}],
+        )  # fmt: skip
+        return "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+
+    async def run() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as c:
+            return await asyncio.gather(*(one(c, p, n) for p, n in zip(prompts, limits)))
+
+    texts = asyncio.run(run())
+    for prompt, limit, text in zip(prompts, limits, texts):
+        ids = jobs.encode_prompt(tokenizer, prompt)
+        assert text == solo(ids, limit)[1], prompt
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "code", "param"} <= set(body["error"])
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (b"{not json", 400, None),
+        (b'{"model": "MODEL", "messages": "hello"}', 400, None),
+        (b'{"model": "MODEL", "messages": [{"role": "user", "content": "x"}], '
+         b'"temperature": "hot"}', 400, None),
+        (b'{"model": "MODEL", "messages": [{"role": "user", "content": "x"}], '
+         b'"max_tokens": 5000}', 400, "context_length_exceeded"),
+        (b'{"model": "other", "messages": [{"role": "user", "content": "x"}]}', 404,
+         "model_not_found"),
+    ],
+)  # fmt: skip
+def test_errors_have_status_and_openai_shape(server, tiny_llama, body, status, code):
+    _, url = server
+    body = body.replace(b"MODEL", tiny_llama.name.encode())
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=30,
+                   headers={"authorization": f"Bearer {KEY}",
+                            "content-type": "application/json"})  # fmt: skip
+    assert r.status_code == status, r.text
+    assert error_of(r)["code"] == code
+
+
+def test_a_bad_api_key_is_401(server, tiny_llama):
+    _, url = server
+    with pytest.raises(openai.AuthenticationError) as info:
+        client(url, "wrong").models.list()
+    assert info.value.status_code == 401
+    r = httpx.get(f"{url}/v1/models", timeout=10)
+    assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+
+
+def live_sequences(url: str) -> list[list[int]]:
+    return [rank["sequences"] for rank in httpx.get(f"{url}/health", timeout=30).json()["ranks"]]
+
+
+def test_a_client_that_disconnects_frees_its_sequence(server, tiny_llama):
+    _, url = server
+    body = {"model": tiny_llama.name, "max_tokens": 3000, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "go on and on"}]}  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30,
+                      headers={"authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert any(s for s in live_sequences(url))  # generating on every rank
+    deadline = time.monotonic() + 15
+    while any(live_sequences(url)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_sequences(url) == [[], []]
+
+
+def test_openapi_documents_every_endpoint(server):
+    _, url = server
+    paths = httpx.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+    for path in ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"]:
+        assert path in paths
+
+
+def test_metrics_are_prometheus_text(server):
+    _, url = server
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for name in ["mlxring_requests_total", "mlxring_generated_tokens_total",
+                 "mlxring_time_to_first_token_seconds_bucket", "mlxring_rank_step_seconds",
+                 "mlxring_queue_depth", "mlxring_inter_token_latency_seconds_bucket"]:  # fmt: skip
+        assert name in text
+
+
+def test_a_frozen_rank_makes_the_api_answer_503(server, tiny_llama):
+    """Last: it breaks the ring. SIGSTOP leaves the connection open, so only the watchdog
+    (--step-timeout 4) can notice; requests then fail with 503 instead of hanging."""
+    proc, url = server
+    tail = next(p for p in children(proc.pid) if "--name tail" in cmdline(p))
+    os.kill(tail, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as info:
+            client(url).chat.completions.create(
+                model=tiny_llama.name, max_tokens=4,
+                messages=[{"role": "user", "content": "anyone there?"}],
+            )  # fmt: skip
+        assert info.value.status_code == 503 and time.monotonic() - started < 30
+        r = httpx.get(f"{url}/health", timeout=30)
+        assert r.status_code == 503 and error_of(r)["code"] == "ring_down"
+    finally:
+        os.kill(tail, signal.SIGCONT)
