@@ -1,7 +1,7 @@
 """Continuous batching, 2 ranks on loopback: one node (mlx-lm's BatchGenerator) vs a
 lockstep ring vs a pipelined ring, at concurrency 1 and 8, same model, same run.
 
-    python bench/batching.py [--prompt-tokens 32] [--gen-tokens 32] [--json]
+    python bench/batching.py [--prompt-tokens 8] [--gen-tokens 32] [--json]
 
 Targets (issue 6): pipelined @ c8 >= 1.6 x single @ c8, and >= 1.6 x lockstep @ c8.
 """
@@ -24,7 +24,7 @@ def run(mode: str, concurrency: int, prompt_tokens: int, gen_tokens: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
