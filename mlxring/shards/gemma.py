@@ -51,15 +51,6 @@ def kv_sharing_pairs(config: dict) -> list[tuple[int, int]]:
 class GemmaShard(MlxShard):
     """What Gemma 3 and 4 share: the text tower, its head modules, the tower filter."""
 
-    @classmethod
-    def load(cls, model_dir, start: int, end: int, is_head: bool):
-        shard = super().load(model_dir, start, end, is_head)
-        # Constants mlx-lm keeps as private arrays (ProportionalRoPE's `_freqs`) are not
-        # parameters and would stay lazy, bound to this thread's stream: an engine
-        # thread could not evaluate them.
-        mx.eval([v for m in shard.model.modules() for v in m.values() if isinstance(v, mx.array)])
-        return shard
-
     @property
     def lm(self) -> nn.Module:
         """mlx-lm's text model (`Model` with `.model` and maybe `.lm_head`)."""

@@ -13,65 +13,32 @@ unquantized experts are turned into [E, out, in] `.weight` tensors first.
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
-from mlxring.shards.mlx_shard import Absent, MlxShard
+from mlxring.shards.llama import LlamaShard
 from mlxring.weights import CheckpointError
 
 GATE_UP, DOWN = "experts.gate_up_proj", "experts.down_proj"
 
 
-class GptOssShard(MlxShard):
+class GptOssShard(LlamaShard):
+    """Llama-shaped (embed, layers, norm, lm_head); its own layer types, head and sanitize."""
+
     def __init__(self, model, config: dict, start: int, end: int, is_head: bool):
         super().__init__(model, config, start, end, is_head)
         set_rope(model, config)
-        # mlx-lm's sanitize, behind the expert-layout conversion it lacks
-        mlx_lm_sanitize = model.sanitize
-        model.sanitize = lambda weights: mlx_lm_sanitize(experts_out_in(weights, model.args))
 
-    @classmethod
-    def load(cls, model_dir, start: int, end: int, is_head: bool) -> GptOssShard:
-        shard = super().load(model_dir, start, end, is_head)
-        # YarnRoPE's frequencies are a private array, lazy until first used; a
-        # graph built on this thread cannot run on the ring's engine thread.
-        mx.eval([v for m in shard.model.modules() for v in m.values() if isinstance(v, mx.array)])
-        return shard
-
-    def drop_head_modules(self) -> None:
-        self.model.model.embed_tokens = Absent()
-        self.model.model.norm = Absent()
-        self.model.lm_head = Absent()
-
-    def embed(self, tokens: mx.array) -> dict[str, mx.array]:
-        return {"h": self.model.model.embed_tokens(tokens)}
+    def sanitize(self, weights: dict) -> dict:
+        """mlx-lm's sanitize, behind the expert-layout conversion it lacks."""
+        return super().sanitize(experts_out_in(weights, self.model.args))
 
     @property
     def sliding(self) -> list[bool]:
-        """Per local layer: sliding-window attention (by absolute index)."""
         types = self.model.model.layer_types[self.start : self.end]
         return [t == "sliding_attention" for t in types]
 
-    def __call__(self, x: dict[str, mx.array], cache: list) -> dict[str, mx.array]:
-        h = x["h"]
-        window = self.args.sliding_window
-        masks = {}
-        for i, sliding in enumerate(self.sliding):
-            if sliding not in masks:
-                masks[sliding] = create_attention_mask(
-                    h, cache[i], window_size=window if sliding else None
-                )
-        for layer, sliding, c in zip(self.layers, self.sliding, cache):
-            h = layer(h, masks[sliding], cache=c)
-        return {"h": h}
-
     def logits(self, x: dict[str, mx.array]) -> mx.array:
         return self.model.lm_head(self.model.model.norm(x["h"]))
-
-    def make_cache(self) -> list:
-        window = self.args.sliding_window
-        return [RotatingKVCache(max_size=window) if s else KVCache() for s in self.sliding]
 
 
 def set_rope(model, config: dict) -> None:
