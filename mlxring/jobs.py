@@ -68,7 +68,7 @@ def run_prompt(engine, tokenizer, prompt: str, opts: dict, out=sys.stdout) -> di
 
 def generate(engine, model_dir: str, opts: dict) -> None:
     """One prompt; with opts['json'] print one JSON object at the end."""
-    result = run_prompt(engine, load_tokenizer(model_dir), opts["prompt"], opts)
+    result = run_prompt(engine, engine.tokenizer, opts["prompt"], opts)
     if opts.get("json"):
         print(json.dumps(result), flush=True)
 

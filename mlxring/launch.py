@@ -192,10 +192,15 @@ def launch_job(config: str | None, ranks: int | None, model: str | None, job: st
     """Start the ring, run `job` on the head, stop every rank; the exit code of the whole.
 
     The head's output goes to `head_output` (a binary stream; default stdout)."""
-    from mlxring.supervise import Supervisor
-
     cluster, model, plan = resolve(config, ranks, model)
     specs = rank_specs(cluster, plan, model, job, job_options)
+    return run_specs(specs, job, job_options, head_output)
+
+
+def run_specs(specs: list[RankSpec], job: str, job_options: dict, head_output=None) -> int:
+    """Start and supervise ranks already planned; the exit code of the whole ring."""
+    from mlxring.supervise import Supervisor
+
     supervisor = Supervisor(specs, head_output_raw=job != "serve", head_output=head_output,
                             progress=job_options.get("progress", False))  # fmt: skip
     return supervisor.run()

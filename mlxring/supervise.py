@@ -61,7 +61,6 @@ class Supervisor:
         self.specs = specs
         self.head_output = head_output  # binary stream for the head's raw output (stdout)
         self.progress = progress  # draw the head's "progress" control lines as a bar
-        self.serving: str | None = None  # "URL MODEL" once the head's API listens
         self.bar = None
         self.head_output_raw = head_output_raw
         self.startup_timeout = startup_timeout
@@ -88,7 +87,6 @@ class Supervisor:
                 elif word == "error":
                     rank.error = rest
                 elif word == "serving":
-                    self.serving = rest
                     url, _, model = rest.partition(" ")
                     self.log(f"serving {model} at {url} (OpenAI API); Ctrl-C stops every rank")
                 elif word == "progress" and self.progress:

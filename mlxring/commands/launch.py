@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from mlxring.cluster import api_warning, plan_table
-    from mlxring.launch import launch_job, rank_specs, resolve
+    from mlxring.launch import rank_specs, resolve, run_specs
 
     cluster, model, plan = resolve(args.config, None, args.model)
     if args.host:
@@ -57,9 +57,9 @@ def main(args: argparse.Namespace) -> int:
     if warning := api_warning(cluster, os.environ.get("MLXRING_API_KEYS")):
         print(f"mlxring: warning: {warning}", file=sys.stderr)
     opts = serve_options(cluster, model, args)
-    if not args.dry_run:
-        return launch_job(args.config, None, args.model, "serve", opts)
     specs = rank_specs(cluster, plan, model, "serve", opts)
+    if not args.dry_run:  # plan once: `auto` memory of remote nodes is asked over ssh
+        return run_specs(specs, "serve", opts)
     print(plan_table(cluster, plan, model))
     for var, content in sorted(specs[0].files.items()):
         print(f"\n{var}:\n{json.dumps(json.loads(content), indent=2)}")
