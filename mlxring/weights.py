@@ -74,7 +74,7 @@ def tensor_bytes(model_dir: str | Path) -> dict[str, int]:
 
 def footprint(model_dir: str | Path) -> ModelFootprint:
     """Weight bytes per layer and of the head-only tensors (embedding, norm, lm_head)."""
-    from mlxring.shards import kv_sharing_pairs
+    from mlxring.shards.kv_sharing import kv_sharing_pairs
 
     full_config = read_config(model_dir)
     config = full_config.get("text_config", full_config)

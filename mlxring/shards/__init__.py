@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from mlxring.shards.kv_sharing import kv_sharing_pairs  # noqa: F401  (public here)
 from mlxring.weights import CheckpointError, read_config
 
 # model_type -> "module:Class"
@@ -35,11 +36,6 @@ def load_shard(model_dir: str | Path, start: int, end: int, is_head: bool):
     """Load layers [start, end) of the model in `model_dir` (the head also embeds/projects)."""
     cls = shard_class(read_config(model_dir)["model_type"])
     return cls.load(model_dir, start, end, is_head)
-
-
-def kv_sharing_pairs(config: dict) -> list[tuple[int, int]]:
-    """The layer pairs of this model that must stay on one stage (KV sharing)."""
-    return shard_class(config["model_type"]).kv_sharing_pairs(config)
 
 
 def num_layers(model_dir: str | Path) -> int:

@@ -19,33 +19,6 @@ from mlxring.weights import CheckpointError
 # tensors of the vision / audio towers of multimodal checkpoints: never loaded
 OTHER_TOWERS = ("vision_tower", "multi_modal_projector", "audio_tower", "embed_audio",
                 "embed_vision", "vision_embedder")  # fmt: skip
-GEMMA4_TYPES = ("gemma4", "gemma4_text")
-GEMMA4_KV_SHARED, GEMMA4_PATTERN = 20, 5  # mlx-lm's defaults where config.json is silent
-
-
-def kv_sharing_pairs(config: dict) -> list[tuple[int, int]]:
-    """(source, sharer) layer pairs of a Gemma 4 config.json: `sharer` reuses `source`'s K/V.
-
-    The last `num_kv_shared_layers` layers share; each reuses the last unshared
-    layer of its own attention type, as mlx-lm and transformers do. Missing
-    fields take mlx-lm's defaults. Empty for other model types. Pure: no mlx.
-    """
-    if config.get("model_type") not in GEMMA4_TYPES:
-        return []
-    config = config.get("text_config") or config
-    num_layers = int(config["num_hidden_layers"])
-    first_shared = num_layers - int(config.get("num_kv_shared_layers", GEMMA4_KV_SHARED))
-    if first_shared <= 0:
-        return []
-    types = config.get("layer_types")
-    if types is None:
-        pattern = int(config.get("sliding_window_pattern", GEMMA4_PATTERN))
-        types = [
-            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-            for i in range(num_layers)
-        ]
-    source = {types[i]: i for i in range(first_shared)}  # the last one of each type wins
-    return [(source[types[j]], j) for j in range(first_shared, num_layers)]
 
 
 class GemmaShard(MlxShard):
@@ -125,8 +98,6 @@ class Gemma4Shard(GemmaShard):
     Layers that reuse an earlier layer's K/V have no cache of their own, as in
     mlx-lm: `make_cache` gives one cache per local layer that computes K/V.
     """
-
-    kv_sharing_pairs = staticmethod(kv_sharing_pairs)
 
     def __init__(self, model: nn.Module, config: dict, start: int, end: int, is_head: bool):
         super().__init__(model, config, start, end, is_head)

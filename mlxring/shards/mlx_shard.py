@@ -53,11 +53,6 @@ class MlxShard:
     def make_cache(self) -> list:
         raise NotImplementedError
 
-    @staticmethod
-    def kv_sharing_pairs(config: dict) -> list[tuple[int, int]]:
-        """(source, sharer) layers where `sharer` reuses `source`'s K/V: one stage for both."""
-        return []
-
     # loading --------------------------------------------------------------
     @property
     def num_layers(self) -> int:
