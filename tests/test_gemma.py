@@ -19,7 +19,6 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 
 from mlxring import jobs
 from mlxring.generate import LocalChain
@@ -27,6 +26,7 @@ from mlxring.shards import kv_sharing_pairs, load_shard
 from mlxring.tiny import gemma as tiny_gemma
 from mlxring.tiny import make_tiny
 from mlxring.weights import CheckpointError, load_subset, read_config
+from tests.oracle import mlx_lm_steps
 
 LAYERS, WINDOW = 6, tiny_gemma.SLIDING_WINDOW
 PROMPT_LEN, DECODE_STEPS, BATCH = 11, 8, 2
@@ -64,18 +64,10 @@ def until_eos(tokens: list[int], eos: int = 2) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def mlx_lm_steps(model_dir):
+def full_model_steps(model_dir):
     """mlx-lm's full model on a batch-2 prompt, then greedy decode: (inputs, logits) per step."""
     model, _ = mlx_lm_load(str(model_dir))
-    rng = np.random.default_rng(0)
-    prompt = mx.array(rng.integers(3, 300, size=(BATCH, PROMPT_LEN)))
-    cache = make_prompt_cache(model)
-    steps, logits = [prompt], [model(prompt, cache=cache)]
-    for _ in range(DECODE_STEPS):
-        steps.append(mx.argmax(logits[-1][:, -1:, :], axis=-1))
-        logits.append(model(steps[-1], cache=cache))
-    mx.eval(logits)
-    return steps, logits
+    return mlx_lm_steps(model, BATCH, PROMPT_LEN, DECODE_STEPS)
 
 
 @pytest.mark.parametrize("name", ["gemma3", "gemma4", "gemma4-sliding-shared"])
@@ -84,7 +76,7 @@ def test_chained_shards_match_mlx_lm(checkpoints, name):
     model_dir = checkpoints[name]
     pairs = kv_sharing_pairs(read_config(model_dir))
     assert bool(pairs) == name.startswith("gemma4")
-    steps, expected = mlx_lm_steps(model_dir)
+    steps, expected = full_model_steps(model_dir)
     assert PROMPT_LEN > WINDOW
     for split in [s for n in (1, 2, 3) for s in splits(LAYERS, n)]:
         if not keeps_pairs(split, pairs):
@@ -154,7 +146,7 @@ def as_multimodal(text_dir, out, family: str):
 def test_multimodal_checkpoint_runs_its_text_tower(checkpoints, tmp_path, family):
     """model_type gemma3 / gemma4: the text tower runs, the vision tower is never read."""
     model_dir = as_multimodal(checkpoints[family], tmp_path, family)
-    steps, expected = mlx_lm_steps(model_dir)
+    steps, expected = full_model_steps(model_dir)
     pairs = kv_sharing_pairs(read_config(model_dir))
     assert pairs == kv_sharing_pairs(read_config(checkpoints[family]))
     split = [(0, 2), (2, 6)]

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 
 from mlxring import jobs
 from mlxring.generate import LocalChain, generate_tokens
@@ -25,6 +24,7 @@ from mlxring.shards.gpt_oss import experts_out_in
 from mlxring.tiny import LAYOUTS, make_tiny
 from mlxring.tiny import gpt_oss as tiny_gpt_oss
 from mlxring.weights import CheckpointError
+from tests.oracle import mlx_lm_steps
 
 LAYERS, PROMPT_LEN, DECODE_STEPS, BATCH = 6, 11, 8, 2
 PROMPT = "Hello, world! How are you today?"  # 19 ids with the chat template
@@ -80,15 +80,7 @@ def oracle(checkpoint):
     def get(layout: str):
         if layout not in made:
             model = mlx_lm_model(checkpoint, layout)
-            rng = np.random.default_rng(0)
-            prompt = mx.array(rng.integers(3, 300, size=(BATCH, PROMPT_LEN)))
-            cache = make_prompt_cache(model)
-            steps, logits = [prompt], [model(prompt, cache=cache)]
-            for _ in range(DECODE_STEPS):
-                steps.append(mx.argmax(logits[-1][:, -1:, :], axis=-1))
-                logits.append(model(steps[-1], cache=cache))
-            mx.eval(logits)
-            made[layout] = steps, logits
+            made[layout] = mlx_lm_steps(model, BATCH, PROMPT_LEN, DECODE_STEPS)
         return made[layout]
 
     return get

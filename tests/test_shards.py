@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import itertools
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load as mlx_lm_load
-from mlx_lm.models.cache import make_prompt_cache
 
 from mlxring.generate import LocalChain
 from mlxring.shards import load_shard, shard_class
 from mlxring.weights import CheckpointError
 from tests.conftest import TINY_LAYERS
+from tests.oracle import mlx_lm_steps
 
 PROMPT_LEN, DECODE_STEPS, BATCH = 11, 4, 2
 
@@ -32,17 +31,7 @@ ALL_SPLITS = [s for n in (1, 2, 3) for s in splits(TINY_LAYERS, n)]
 def oracle(tiny_llama):
     """mlx-lm's full model: logits for a batch-2 prefill, then greedy decode steps."""
     model, _ = mlx_lm_load(str(tiny_llama))
-    rng = np.random.default_rng(0)
-    prompt = mx.array(rng.integers(3, 300, size=(BATCH, PROMPT_LEN)))
-    cache = make_prompt_cache(model)
-    steps = [prompt]
-    logits = [model(prompt, cache=cache)]
-    for _ in range(DECODE_STEPS):
-        token = mx.argmax(logits[-1][:, -1:, :], axis=-1)
-        steps.append(token)
-        logits.append(model(token, cache=cache))
-    mx.eval(logits)
-    return steps, logits
+    return mlx_lm_steps(model, BATCH, PROMPT_LEN, DECODE_STEPS)
 
 
 @pytest.mark.parametrize("split", ALL_SPLITS, ids=lambda s: "/".join(f"{a}-{b}" for a, b in s))

@@ -1,0 +1,20 @@
+"""The shared oracle of the shard tests: mlx-lm's own full model, step by step."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+
+def mlx_lm_steps(model, batch: int, prompt_len: int, decode_steps: int):
+    """A random batch prompt, then greedy decode steps: (inputs, logits) per step."""
+    rng = np.random.default_rng(0)
+    prompt = mx.array(rng.integers(3, 300, size=(batch, prompt_len)))
+    cache = make_prompt_cache(model)
+    steps, logits = [prompt], [model(prompt, cache=cache)]
+    for _ in range(decode_steps):
+        steps.append(mx.argmax(logits[-1][:, -1:, :], axis=-1))
+        logits.append(model(steps[-1], cache=cache))
+    mx.eval(logits)
+    return steps, logits
