@@ -17,24 +17,50 @@ MLX_SHARDS = {
     "gemma4_text": "mlxring.shards.gemma:Gemma4Shard",
     "gemma4": "mlxring.shards.gemma:Gemma4Shard",  # the text tower of a gemma4 checkpoint
 }
+# the torch backend (nodes without Apple Silicon): transformers' modules, own caches
+TORCH_SHARDS = {
+    "llama": "mlxring.shards.torch_shard:TorchShard",
+    "gpt_oss": "mlxring.shards.torch_shard:TorchShard",
+    "gemma3_text": "mlxring.shards.torch_shard:TorchShard",
+    "gemma3": "mlxring.shards.torch_shard:TorchShard",
+    "gemma4_text": "mlxring.shards.torch_gemma4:TorchGemma4Shard",
+    "gemma4": "mlxring.shards.torch_gemma4:TorchGemma4Shard",
+}
+BACKENDS = {"mlx": MLX_SHARDS, "torch": TORCH_SHARDS}
 
 
-def shard_class(model_type: str) -> type:
-    """The MLX shard class for a config.json `model_type`."""
+def shard_class(model_type: str, backend: str = "mlx") -> type:
+    """The shard class of `backend` for a config.json `model_type`."""
+    shards = BACKENDS[backend]
     try:
-        target = MLX_SHARDS[model_type]
+        target = shards[model_type]
     except KeyError:
-        supported = ", ".join(sorted(MLX_SHARDS))
+        supported = ", ".join(sorted(shards))
         raise CheckpointError(
             f"model_type {model_type!r} is not supported; supported: {supported}"
         ) from None
     module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        if backend != "torch":
+            raise
+        raise CheckpointError(
+            f"the torch backend needs torch and transformers ({e}); "
+            "install them with: pip install 'mlxring[torch]'"
+        ) from None
 
 
-def load_shard(model_dir: str | Path, start: int, end: int, is_head: bool):
-    """Load layers [start, end) of the model in `model_dir` (the head also embeds/projects)."""
-    cls = shard_class(read_config(model_dir)["model_type"])
+def load_shard(model_dir: str | Path, start: int, end: int, is_head: bool,
+               backend: str = "mlx", device: str | None = None, dtype: str | None = None):  # fmt: skip
+    """Load layers [start, end) of the model in `model_dir` (the head also embeds/projects).
+
+    `backend` "torch" runs them with torch on `device` (cpu | cuda) in `dtype`
+    (float32 | float16 | bfloat16 | auto: the checkpoint's).
+    """
+    cls = shard_class(read_config(model_dir)["model_type"], backend)
+    if backend == "torch":
+        return cls.load(model_dir, start, end, is_head, device=device, dtype=dtype)
     return cls.load(model_dir, start, end, is_head)
 
 

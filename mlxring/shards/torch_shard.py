@@ -1,0 +1,250 @@
+"""The torch shard: one contiguous range of a transformers model's layers, on CPU or CUDA.
+
+Nodes without Apple Silicon compute with torch; the ring stays mlx.distributed.
+A shard builds transformers' own causal-LM class on the meta device (nothing is
+allocated), keeps only its own decoder layers (and, on the head, the embedding,
+final norm and lm_head), reads only its own tensors from the checkpoint, and
+runs transformers' decoder-layer modules with its own KV caches
+(`mlxring.shards.torch_cache`), positions and masks, so batched steps work as
+on the MLX shards.
+
+The contract is the MLX shards' one: tensors from the ring arrive as mx arrays
+(in whatever dtype the previous stage computed in) and are converted to this
+node's device and dtype on arrival; `__call__` returns mx arrays for the wire.
+`embed` returns torch tensors, which only this shard consumes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import torch
+from torch import nn
+
+from mlxring.shards.torch_cache import LayerCaches, TorchKVCache, attention_mask, positions
+from mlxring.weights import CheckpointError, layer_index, read_config, weight_map
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICES = ("cpu", "cuda")
+# tensors of the vision / audio towers of multimodal checkpoints: never loaded
+OTHER_TOWERS = ("vision_tower", "multi_modal_projector", "audio_tower", "embed_audio",
+                "embed_vision", "vision_embedder")  # fmt: skip
+# where multimodal checkpoints keep the text model
+_TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.)")
+_TEXT_HEAD = re.compile(r"^language_model\.lm_head\.")
+
+
+class Absent(nn.Module):
+    """Stands where a layer or head module of another stage would be; holds nothing."""
+
+
+def to_torch(x: mx.array, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An mx array as a torch tensor on `device` (floating point converted to `dtype`)."""
+    if x.dtype == mx.bfloat16:
+        t = torch.from_numpy(np.array(x.view(mx.uint16), copy=True)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.array(x, copy=True))
+    if dtype is not None and t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device)
+
+
+def to_mx(t: torch.Tensor) -> mx.array:
+    """A torch tensor as an mx array, in the same dtype."""
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.view(torch.uint16).numpy()).view(mx.bfloat16)
+    return mx.array(t.numpy())
+
+
+def resolve_dtype(name: str | None, config: dict) -> torch.dtype:
+    """A node's dtype: its `dtype` setting, or ("auto") the checkpoint's own."""
+    if name in (None, "auto"):
+        text = config.get("text_config", config)
+        name = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or "float32"
+    if name not in DTYPES:
+        raise CheckpointError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = name or "cpu"
+    if name not in DEVICES:
+        raise CheckpointError(f"torch device {name!r} is not supported; use cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device cuda: torch sees no CUDA GPU on this node")
+    return torch.device(name)
+
+
+class TorchShard:
+    """Layers [start, end) of a transformers model; the head also embeds and projects."""
+
+    # modules of the head only, as attribute paths from the causal LM
+    HEAD_MODULES = ("model.embed_tokens", "model.norm", "lm_head")
+
+    def __init__(self, model: nn.Module, start: int, end: int, is_head: bool,
+                 device: torch.device, dtype: torch.dtype):  # fmt: skip
+        self.model, self.config = model, model.config
+        self.start, self.end, self.is_head = start, end, is_head
+        self.device, self.dtype = device, dtype
+        self.inner = model.model
+        self.layers = {i: self.inner.layers[i] for i in range(start, end)}
+        types = getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers
+        self.types = {i: types[i] for i in range(start, end)}
+        rope_params = inspect.signature(self.inner.rotary_emb.forward).parameters
+        self.rope_by_type = "layer_type" in rope_params
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    # loading --------------------------------------------------------------
+    @classmethod
+    def load(cls, model_dir: str | Path, start: int, end: int, is_head: bool,
+             device: str | None = None, dtype: str | None = None) -> TorchShard:  # fmt: skip
+        """Build the shard for layers [start, end) and load its weights from `model_dir`."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model_dir = Path(model_dir)
+        raw = read_config(model_dir)
+        if raw.get("quantization") or raw.get("quantization_config"):
+            raise CheckpointError(
+                f"{model_dir}: quantized checkpoints run on the mlx backend only; "
+                "the torch backend needs the unquantized (transformers) checkpoint"
+            )
+        torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype, raw)
+        config = AutoConfig.from_pretrained(model_dir).get_text_config()
+        num_layers = config.num_hidden_layers
+        if not 0 <= start < end <= num_layers:
+            raise CheckpointError(
+                f"layers {start}-{end - 1} are out of range: the model has {num_layers} "
+                f"layers (0-{num_layers - 1})"
+            )
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
+        with torch.device("meta"):
+            model = model_class(config)
+        for i in range(num_layers):
+            if not start <= i < end:
+                model.model.layers[i] = Absent()
+        if not is_head:
+            for path in cls.HEAD_MODULES:
+                parent, _, name = path.rpartition(".")
+                owner = model.get_submodule(parent) if parent else model
+                if getattr(owner, name, None) is not None:
+                    setattr(owner, name, Absent())
+        model.to_empty(device=torch_device)
+        with torch.device(torch_device):  # rotary frequencies are not in the checkpoint
+            model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        shard = cls(model, start, end, is_head, torch_device, torch_dtype)
+        shard.load_weights(model_dir)
+        model.eval()
+        return shard
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """The model's name for checkpoint tensor `name`, or None if it is not this shard's."""
+        if any(tower in name for tower in OTHER_TOWERS):
+            return None
+        name = _TEXT_HEAD.sub("lm_head.", _TEXT_PREFIX.sub("model.", name))
+        i = layer_index(name)
+        keep = self.is_head if i is None else self.start <= i < self.end
+        return name if keep else None
+
+    def load_weights(self, model_dir: Path) -> None:
+        from safetensors import safe_open
+
+        files: dict[str, list[tuple[str, str]]] = {}
+        for name, file in weight_map(model_dir).items():
+            if (mine := self.checkpoint_name(name)) is not None:
+                files.setdefault(file, []).append((name, mine))
+        state = {}
+        for file, names in sorted(files.items()):
+            with safe_open(str(model_dir / file), framework="pt", device="cpu") as f:
+                for name, mine in names:
+                    t = f.get_tensor(name)
+                    t = t.to(self.dtype) if t.is_floating_point() else t
+                    state[mine] = t.to(self.device)
+        ignored = getattr(self.inner, "_keys_to_ignore_on_load_unexpected", None) or []
+        state = {k: v for k, v in state.items()
+                 if not any(re.search(p, k.removeprefix("model.")) for p in ignored)}  # fmt: skip
+        if self.is_head and self.config.tie_word_embeddings and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+        expected = dict(self.model.state_dict(keep_vars=True))
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{model_dir}: weights do not match the model "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        for name, value in state.items():
+            if tuple(value.shape) != tuple(expected[name].shape):
+                raise CheckpointError(
+                    f"{model_dir}: {name} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(expected[name].shape)}"
+                )
+        self.model.load_state_dict(state, strict=True, assign=True)
+        if self.is_head and self.config.tie_word_embeddings:
+            self.model.lm_head.weight = self.inner.embed_tokens.weight
+        self.fix_buffers()
+
+    def fix_buffers(self) -> None:
+        """Non-persistent buffers left empty by the meta build (embedding scales)."""
+        for module in self.model.modules():
+            if hasattr(module, "scalar_embed_scale"):
+                module.embed_scale = torch.tensor(module.scalar_embed_scale, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.model.parameters())
+
+    # the shard contract -----------------------------------------------------
+    def arrive(self, x: dict) -> dict[str, torch.Tensor]:
+        """Tensors from the ring (mx arrays) on this node's device and dtype."""
+        return {k: v if isinstance(v, torch.Tensor) else to_torch(v, self.device, self.dtype)
+                for k, v in x.items()}  # fmt: skip
+
+    @torch.no_grad()
+    def embed(self, tokens: mx.array) -> dict[str, torch.Tensor]:
+        ids = to_torch(tokens, self.device).long()
+        return {"h": self.inner.embed_tokens(ids).to(self.dtype)}
+
+    def make_cache(self) -> list[TorchKVCache]:
+        return [TorchKVCache() for _ in self.layers]
+
+    def step_inputs(self, h: torch.Tensor, cache: TorchKVCache):
+        """Position ids, and per layer type its rotary embeddings and mask, for one step."""
+        new = h.shape[1]
+        pos = positions(cache, new, self.device)
+        ropes, masks = {}, {}
+        for kind in set(self.types.values()):
+            if self.rope_by_type:
+                ropes[kind] = self.inner.rotary_emb(h, pos, kind)
+            else:
+                ropes[kind] = self.inner.rotary_emb(h, pos)
+            window = self.config.sliding_window if kind == "sliding_attention" else None
+            masks[kind] = attention_mask(cache, new, window, h.dtype, self.device)
+        return pos, ropes, masks
+
+    @torch.no_grad()
+    def __call__(self, x: dict, cache: list[TorchKVCache]) -> dict[str, mx.array]:
+        h = self.arrive(x)["h"]
+        pos, ropes, masks = self.step_inputs(h, cache[0])
+        view = LayerCaches(dict(zip(self.layers, cache)))
+        for i, layer in self.layers.items():
+            kind = self.types[i]
+            h = layer(h, attention_mask=masks[kind], position_ids=pos,
+                      past_key_values=view, position_embeddings=ropes[kind])  # fmt: skip
+        return {"h": to_mx(h)}
+
+    @torch.no_grad()
+    def logits(self, x: dict) -> mx.array:
+        h = self.inner.norm(self.arrive(x)["h"])
+        out = self.model.lm_head(h)
+        if cap := getattr(self.config, "final_logit_softcapping", None):
+            out = torch.tanh(out / cap) * cap
+        return to_mx(out.float())
