@@ -21,6 +21,7 @@ DEFAULT_RESERVE_GB = 4.0
 CLUSTER_BACKENDS = ("ring", "jaccl")
 NODE_BACKENDS = ("mlx", "torch")
 DEVICES = ("gpu", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # torch nodes; auto: the checkpoint's
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _NAME_WHAT = "a name of letters, digits, '_', '.' or '-'"
@@ -70,6 +71,7 @@ class NodeConfig:
     reserve_gb: float = DEFAULT_RESERVE_GB
     backend: str = "mlx"
     device: str = "gpu"
+    dtype: str = "auto"
     layers: tuple[int, int] | None = None
     ssh: str | None = None
     python: str | None = None  # interpreter on the node; default: the launcher's
@@ -240,6 +242,10 @@ def _parse_node(data: object, path: str) -> NodeConfig:
     device = fields.setdefault("device", "cpu" if backend == "torch" else "gpu")
     if device == "cuda" and backend != "torch":
         raise ConfigError(f"{path}.device: 'cuda' needs backend: torch")
+    if device == "gpu" and backend == "torch":
+        raise ConfigError(f"{path}.device: backend torch runs on 'cpu' or 'cuda', got 'gpu'")
+    if fields.get("dtype", "auto") != "auto" and backend != "torch":
+        raise ConfigError(f"{path}.dtype: needs backend: torch (mlx runs the checkpoint's dtype)")
     memory, reserve = fields["memory_gb"], fields.get("reserve_gb", DEFAULT_RESERVE_GB)
     if memory != "auto" and reserve >= memory:
         note = "" if "reserve_gb" in fields else " (the default)"
@@ -311,6 +317,7 @@ _NODE_FIELDS: dict[str, Parser] = {
     "reserve_gb": _reserve,
     "backend": _choice(*NODE_BACKENDS),
     "device": _choice(*DEVICES),
+    "dtype": _choice(*DTYPES),
     "layers": parse_layers,
     "ssh": _text(),
     "python": _text(),

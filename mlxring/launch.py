@@ -23,6 +23,7 @@ from mlxring.plan import Plan, keep_kv_pairs, split_layers
 
 DEFAULT_PORT = 40000  # remote nodes without a port: DEFAULT_PORT + rank
 SSH = os.environ.get("MLXRING_SSH", "ssh -o BatchMode=yes")
+TORCH_THREADS_ENV = "MLXRING_TORCH_THREADS"  # threads of a torch rank (default: its share)
 
 
 @dataclass(frozen=True)
@@ -115,17 +116,24 @@ def rank_specs(
         env_all["MLX_JACCL_COORDINATOR"] = head
         env_all["MLX_JACCL_RING"] = "1"  # each rank cabled to its two ring neighbours
         files["MLX_IBV_DEVICES"] = json.dumps([list(n.rdma or ()) for n in cluster.nodes])
+    # ranks sharing this machine share its cores: torch would start a thread per core in each
+    on_this_machine = sum(1 for n in cluster.nodes if n.is_local and not n.ssh)
+    torch_threads = str(max(1, (os.cpu_count() or 1) // max(1, on_this_machine)))
     specs = []
     for rank, (node, a) in enumerate(zip(cluster.nodes, plan.assignments)):
         python = node.python or (sys.executable if node.is_local else "python3")
         argv = [python, "-m", "mlxring.node", "--name", node.name, "--cluster", cluster.name,
                 "--model", model, "--layers", str(a.start), str(a.end),
                 "--backend", cluster.backend]  # fmt: skip
+        if node.backend == "torch":
+            argv += ["--compute", "torch", "--device", node.device, "--dtype", node.dtype]
         if key_files[rank]:
             argv += ["--key-file", key_files[rank]]
         if rank == 0:
             argv += ["--job", job, "--job-args", json.dumps(job_options)]
         env = {**env_all, "MLX_RANK": str(rank)}
+        if node.backend == "torch" and node.is_local and not node.ssh:
+            env[TORCH_THREADS_ENV] = os.environ.get(TORCH_THREADS_ENV, torch_threads)
         if node.is_local:  # run this very mlxring, installed or not
             env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
         secret = key_env if not key_files[rank] else {}
@@ -136,9 +144,10 @@ def rank_specs(
     return specs
 
 
-def local_ring(ranks: int, model: str) -> ClusterConfig:
+def local_ring(ranks: int, model: str, compute: dict | None = None) -> ClusterConfig:
     """A cluster of `ranks` local processes with an even split of the model's layers
-    (moved where a split would separate a KV-sharing pair)."""
+    (moved where a split would separate a KV-sharing pair); `compute` sets every node's
+    backend, device and dtype (the mlx backend by default)."""
     from mlxring.weights import footprint
 
     fp = footprint(model)
@@ -146,7 +155,8 @@ def local_ring(ranks: int, model: str) -> ClusterConfig:
         raise UserError(f"--ranks must be between 1 and the model's {fp.num_layers} layers")
     spans = keep_kv_pairs(split_layers(fp.num_layers, [1] * ranks), fp.kv_pairs)
     nodes = tuple(
-        NodeConfig(name=f"rank{r}", host="localhost", memory_gb="auto", layers=span)
+        NodeConfig(name=f"rank{r}", host="localhost", memory_gb="auto", layers=span,
+                   **(compute or {}))  # fmt: skip
         for r, span in enumerate(spans)
     )
     return ClusterConfig(name=f"local-{ranks}", nodes=nodes)
@@ -170,9 +180,9 @@ def remote_memory_bytes(node: NodeConfig) -> int:
 
 
 def resolve(
-    config: str | None, ranks: int | None, model: str | None
+    config: str | None, ranks: int | None, model: str | None, compute: dict | None = None
 ) -> tuple[ClusterConfig, str, Plan]:
-    """The cluster, model directory and plan a launch runs."""
+    """The cluster, model directory and plan a launch runs (`compute`: see `local_ring`)."""
     from mlxring.cluster import cluster_plan
 
     cluster = load_config(config) if config else None
@@ -182,17 +192,18 @@ def resolve(
     if not os.path.isdir(model) and (cluster is None or cluster.head.is_local):
         raise UserError(f"model {model}: no such directory")
     if cluster is None:
-        cluster = local_ring(ranks or 1, model)
+        cluster = local_ring(ranks or 1, model, compute)
     plan = cluster_plan(cluster, model, remote_memory_bytes)
     return cluster, model, plan
 
 
 def launch_job(config: str | None, ranks: int | None, model: str | None, job: str,
-               job_options: dict, head_output=None) -> int:  # fmt: skip
+               job_options: dict, head_output=None, compute: dict | None = None) -> int:  # fmt: skip
     """Start the ring, run `job` on the head, stop every rank; the exit code of the whole.
 
-    The head's output goes to `head_output` (a binary stream; default stdout)."""
-    cluster, model, plan = resolve(config, ranks, model)
+    The head's output goes to `head_output` (a binary stream; default stdout); `compute`
+    sets the backend of a local ring's nodes (see `local_ring`)."""
+    cluster, model, plan = resolve(config, ranks, model, compute)
     specs = rank_specs(cluster, plan, model, job, job_options)
     return run_specs(specs, job, job_options, head_output)
 

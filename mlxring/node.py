@@ -1,7 +1,8 @@
 """One rank of a ring, as started by `mlxring launch` (or `generate --ranks/--config`).
 
     python -m mlxring.node --name NAME --model DIR --layers START END \
-        [--backend ring|jaccl] [--job serve|generate|batch|bench] [--job-args JSON]
+        [--backend ring|jaccl] [--compute mlx|torch --device cpu|cuda --dtype DTYPE] \
+        [--job serve|generate|batch|bench] [--job-args JSON]
 
 The rank comes from the environment mlx.distributed reads (`MLX_RANK`,
 `MLX_HOSTFILE`, or JACCL's). Rank 0 is the head and runs the job; the other
@@ -45,6 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True)
     parser.add_argument("--layers", type=int, nargs=2, required=True, metavar=("START", "END"))
     parser.add_argument("--backend", default="ring", choices=("ring", "jaccl"))
+    parser.add_argument("--compute", default="mlx", choices=("mlx", "torch"),
+                        help="compute backend of this rank's layers")
+    parser.add_argument("--device", default=None, help="torch: cpu | cuda")
+    parser.add_argument("--dtype", default="auto", help="torch: float32 | float16 | bfloat16 | auto")
     parser.add_argument("--job", default="serve", choices=JOBS)
     parser.add_argument("--job-args", default="{}", help="JSON options of the head's job")
     return parser.parse_args(argv)
@@ -89,7 +94,12 @@ def run(args: argparse.Namespace) -> None:
     from mlxring.shards import load_shard
 
     start, end = args.layers
-    shard = load_shard(args.model, start, end, is_head=rank == 0)
+    if args.compute == "torch" and (threads := os.environ.get("MLXRING_TORCH_THREADS")):
+        import torch
+
+        torch.set_num_threads(int(threads))
+    shard = load_shard(args.model, start, end, is_head=rank == 0, backend=args.compute,
+                       device=args.device, dtype=args.dtype)  # fmt: skip
     if rank != 0:
         control("ready", rank)
         serve_stage(shard, channel)

@@ -141,3 +141,50 @@ def bench_single(model_dir: str, opts: dict) -> dict:
     run(prompts[:1])  # warm-up
     results, wall = run(prompts)
     return summarize(results, wall, "single", c)
+
+
+def bench_single_torch(model_dir: str, opts: dict, device: str = "cpu",
+                       dtype: str = "auto") -> dict:  # fmt: skip
+    """The torch baseline: transformers' own `generate` on one node, the whole batch at once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    from mlxring.shards.torch_shard import resolve_device, resolve_dtype
+    from mlxring.weights import read_config
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, read_config(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(torch_device)
+    model.eval()
+    c, p, g = opts["concurrency"], opts["prompt_tokens"], opts["gen_tokens"]
+    vocab = model.config.get_text_config().vocab_size
+    prompts = synthetic_prompts(c, p, vocab)
+
+    class Clock(BaseStreamer):  # generate calls put() with the prompt, then once per step
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(batch: list[list[int]]) -> tuple[list[dict], float]:
+        ids = torch.tensor(batch, device=torch_device)
+        clock = Clock()
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=g,
+                           min_new_tokens=g, do_sample=False, streamer=clock,
+                           pad_token_id=0)  # fmt: skip
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+        steps = [t - started for t in clock.times[1:]]  # the first put() is the prompt
+        return [{"times": steps} for _ in batch], wall
+
+    run(prompts[:1])  # warm-up
+    results, wall = run(prompts)
+    return summarize(results, wall, "single", c)

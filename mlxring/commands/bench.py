@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mlxring.commands.generate import add_compute_args, compute_options
 from mlxring.errors import UserError
 
 MODES = ("single", "lockstep", "pipelined")
@@ -22,9 +23,11 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=MODES,
         default="pipelined",
-        help="single: mlx-lm's own BatchGenerator on one node (the baseline)",
+        help="single: the baseline on one node, mlx-lm's own BatchGenerator "
+        "(--backend torch: transformers' own generate)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object, no bar")
+    add_compute_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -33,17 +36,23 @@ def main(args: argparse.Namespace) -> int:
     opts = {"concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens, "mode": args.mode, "progress": not args.json,
             "max_batch": max(16, args.concurrency)}  # fmt: skip
+    compute = compute_options(args)
     if args.mode == "single":
-        from mlxring.workload import bench_single
+        from mlxring import workload
 
-        print_summary(bench_single(args.model, opts), args.json)
+        if compute:
+            summary = workload.bench_single_torch(args.model, opts, compute["device"],
+                                                  compute["dtype"])  # fmt: skip
+        else:
+            summary = workload.bench_single(args.model, opts)
+        print_summary(summary, args.json)
         return 0
     import io
 
     from mlxring.launch import launch_job
 
     captured = io.BytesIO()
-    code = launch_job(args.config, args.ranks or 1, args.model, "bench", opts, captured)
+    code = launch_job(args.config, args.ranks or 1, args.model, "bench", opts, captured, compute)
     if code:
         return code
     print_summary(json.loads(captured.getvalue().decode().strip().splitlines()[-1]), args.json)

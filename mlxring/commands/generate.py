@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mlxring.config import DTYPES
 from mlxring.errors import UserError
 from mlxring.generate import DEFAULT_PREFILL_CHUNK
 from mlxring.jobs import DEFAULT_MAX_TOKENS
@@ -20,9 +21,31 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    add_compute_args(parser)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--ranks", type=int, help="run a local ring of N processes (even split)")
     where.add_argument("--config", help="run on the cluster this file defines")
+
+
+def add_compute_args(parser: argparse.ArgumentParser) -> None:
+    """--backend/--device/--dtype: how this node (or every rank of --ranks) computes."""
+    parser.add_argument("--backend", choices=("mlx", "torch"), default="mlx",
+                        help="compute backend (a --config sets it per node)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="torch device (default cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="torch dtype (default: the checkpoint's)")
+
+
+def compute_options(args: argparse.Namespace) -> dict | None:
+    """The compute settings of a local ring's nodes; None for the default (mlx)."""
+    if args.backend == "mlx":
+        if args.device or args.dtype != "auto":
+            raise UserError("--device and --dtype need --backend torch")
+        return None
+    if getattr(args, "config", None):
+        raise UserError("--backend comes from the cluster config (backend: per node)")
+    return {"backend": "torch", "device": args.device or "cpu", "dtype": args.dtype}
 
 
 def job_options(args: argparse.Namespace) -> dict:
@@ -33,10 +56,12 @@ def job_options(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> int:
     if args.max_tokens < 1 or args.prefill_chunk < 1:
         raise UserError("--max-tokens and --prefill-chunk must be >= 1")
+    compute = compute_options(args)
     if args.ranks is not None or args.config:
         from mlxring.launch import launch_job
 
-        return launch_job(args.config, args.ranks, args.model, "generate", job_options(args))
+        return launch_job(args.config, args.ranks, args.model, "generate", job_options(args),
+                          compute=compute)  # fmt: skip
     if not args.model:
         raise UserError("--model is required (or --config with a model)")
     if not Path(args.model).is_dir():
@@ -46,7 +71,8 @@ def main(args: argparse.Namespace) -> int:
     from mlxring.node import head_engine
     from mlxring.shards import load_shard, num_layers
 
-    shard = load_shard(args.model, 0, num_layers(args.model), is_head=True)
+    shard = load_shard(args.model, 0, num_layers(args.model), is_head=True,
+                       **(compute or {}))  # fmt: skip
     engine = head_engine(shard, None, args.model, job_options(args))
     try:
         jobs.generate(engine, args.model, job_options(args))

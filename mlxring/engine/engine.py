@@ -236,7 +236,7 @@ class Engine:
     def _finish_step(self, step: Step, x) -> None:
         sampled = []
         if step.kind == "decode" and step.seqs:
-            sampled = sample(self.shard.logits(x)[:, -1, :], step.seqs)
+            sampled = sample(self.shard.logits(self.shard.arrive(x))[:, -1, :], step.seqs)
         self.steps_done += 1
         advanced = self.scheduler.complete(step, sampled)
         for seq in advanced:

@@ -1,7 +1,9 @@
 """The head's scheduler: which step goes round the ring next, and what its results mean.
 
-A step is either one prefill chunk of one sequence, or one decode step of a
-micro-batch ("group"). Every prompt token but the last is prefilled in chunks;
+A step is either one prefill chunk of one or more sequences, or one decode step
+of a micro-batch ("group"). Every prompt token but the last is prefilled in chunks;
+sequences at the same point of their prompts with chunks of the same length are
+prefilled together (at most `prefill_chunk` tokens in all), as one batch;
 the sequence then joins the group with the fewest members, and its first decode
 step feeds the last prompt token (as mlx-lm's generate_step does). Groups are
 disjoint and have at most one step in flight, so with one group per stage every
@@ -23,10 +25,10 @@ from mlxring.engine.request import Sequence
 @dataclass
 class Step:
     kind: str  # "prefill" | "decode"
-    seqs: list[Sequence]  # prefill: the one sequence; decode: the group's members, in order
+    seqs: list[Sequence]  # prefill: the batch (chunks of one length); decode: the group
     inputs: list[list[int]]  # token ids fed per sequence
     group: int | None = None
-    new: bool = False  # prefill: the sequence's first chunk (fresh caches on every stage)
+    new: list[int] = field(default_factory=list)  # prefill: first chunks (fresh caches)
     admit: list[int] = field(default_factory=list)
     evict: list[int] = field(default_factory=list)
     drop: list[int] = field(default_factory=list)
@@ -34,8 +36,9 @@ class Step:
     def header(self) -> dict:
         """What every stage needs to apply this step to its own caches."""
         if self.kind == "prefill":
-            first = {"seq": self.seqs[0].id, "new": self.new}
-            return {"op": "step", "kind": "prefill", **first, "drop": self.drop}
+            seqs = [s.id for s in self.seqs]
+            return {"op": "step", "kind": "prefill", "seqs": seqs, "new": self.new,
+                    "drop": self.drop}  # fmt: skip
         members = {"group": self.group, "admit": self.admit, "evict": self.evict}
         seqs = [s.id for s in self.seqs]
         return {"op": "step", "kind": "decode", **members, "seqs": seqs, "drop": self.drop}
@@ -126,10 +129,24 @@ class Scheduler:
                 return m
         return None
 
-    def _prefill_step(self, seq: Sequence) -> Step:
-        end = min(seq.prefilled + self.prefill_chunk, len(seq.prompt) - 1)
-        self.busy_seqs.add(seq.id)
-        return Step("prefill", [seq], [seq.prompt[seq.prefilled : end]], new=seq.prefilled == 0)
+    def _chunk(self, seq: Sequence) -> tuple[int, int]:
+        """Where `seq`'s next prefill chunk starts and how long it is."""
+        return seq.prefilled, min(self.prefill_chunk, len(seq.prompt) - 1 - seq.prefilled)
+
+    def _prefill_step(self, first: Sequence) -> Step:
+        start, length = self._chunk(first)
+        batch = [first]
+        for seq in self.prefilling:  # others at the same point: one batch, no padding
+            if (len(batch) + 1) * length > self.prefill_chunk:
+                break
+            if seq is not first and seq.id not in self.busy_seqs and self._chunk(seq) == (
+                start,
+                length,
+            ):
+                batch.append(seq)
+        self.busy_seqs.update(s.id for s in batch)
+        inputs = [s.prompt[start : start + length] for s in batch]
+        return Step("prefill", batch, inputs, new=[s.id for s in batch if start == 0])
 
     def _decode_step(self, m: int) -> Step:
         admit, self.to_admit[m] = self.to_admit[m], []
@@ -146,14 +163,14 @@ class Scheduler:
         """Apply a step's results; the sequences that got a new token."""
         self.busy_seqs.difference_update(s.id for s in step.seqs)
         if step.kind == "prefill":
-            seq = step.seqs[0]
-            seq.prefilled += len(step.inputs[0])
-            if seq.finished:  # cancelled while in flight
-                self.prefilling.remove(seq)
-                self.to_drop.append(seq.id)
-            elif seq.prefill_done:
-                self.prefilling.remove(seq)
-                self._join_group(seq)
+            for seq, chunk in zip(step.seqs, step.inputs):
+                seq.prefilled += len(chunk)
+                if seq.finished:  # cancelled while in flight
+                    self.prefilling.remove(seq)
+                    self.to_drop.append(seq.id)
+                elif seq.prefill_done:
+                    self.prefilling.remove(seq)
+                    self._join_group(seq)
             return []
         self.busy_groups.discard(step.group)
         advanced = []

@@ -60,13 +60,10 @@ class StageState:
     def apply(self, header: dict, x: dict[str, mx.array] | None) -> dict[str, mx.array] | None:
         """Run this stage's layers for one step; None when the step computes nothing."""
         self._drop(header.get("drop", ()))
+        if x:
+            x = self.shard.arrive(x)
         if header["kind"] == "prefill":
-            seq = header["seq"]
-            if header["new"]:
-                self.singles[seq] = self.shard.make_cache()
-            elif seq not in self.singles:
-                raise ProtocolError(f"prefill chunk for unknown sequence {seq}")
-            return self.shard(x, self.singles[seq])
+            return self._prefill(header["seqs"], header["new"], x)
         group = self.groups.setdefault(header["group"], Group())
         if header["evict"]:
             group.evict(header["evict"])
@@ -80,6 +77,21 @@ class StageState:
         if not group.seqs:
             return None
         return self.shard(x, group.caches)
+
+    def _prefill(self, seqs: list[int], new: list[int], x: dict) -> dict:
+        """One chunk of each of `seqs` (equal lengths, equal positions): one batch."""
+        for seq in new:
+            self.singles[seq] = self.shard.make_cache()
+        if unknown := [s for s in seqs if s not in self.singles]:
+            raise ProtocolError(f"prefill chunk for unknown sequences {unknown}")
+        if len(seqs) == 1:
+            return self.shard(x, self.singles[seqs[0]])
+        per_layer = zip(*(self.singles[s] for s in seqs))
+        batch = [layer[0].merge(list(layer)) for layer in per_layer]
+        out = self.shard(x, batch)
+        for i, seq in enumerate(seqs):
+            self.singles[seq] = [c.extract(i) for c in batch]
+        return out
 
     def stats(self) -> dict:
         """Live sequences and the bytes their caches hold on this stage."""

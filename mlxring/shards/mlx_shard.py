@@ -53,6 +53,20 @@ class MlxShard:
     def make_cache(self) -> list:
         raise NotImplementedError
 
+    def arrive(self, x: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Tensors from the ring in this shard's dtype (a torch stage may compute in another)."""
+        return {k: v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating)
+                and v.dtype != self.dtype else v for k, v in x.items()}  # fmt: skip
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype activations are computed in: that of the layers' norms."""
+        if not hasattr(self, "_dtype"):
+            floats = [v.dtype for k, v in tree_flatten(self.model.parameters())
+                      if "norm" in k and mx.issubdtype(v.dtype, mx.floating)]  # fmt: skip
+            self._dtype = floats[0] if floats else mx.float32
+        return self._dtype
+
     # loading --------------------------------------------------------------
     @property
     def num_layers(self) -> int:

@@ -76,6 +76,16 @@ class TorchKVCache:
             keys, values = torch.cat(parts_k), torch.cat(parts_v)
         self.keys, self.values, self.length, self.pad = keys, values, length, pads
 
+    def extract(self, index: int) -> TorchKVCache:
+        """Sequence `index` alone, without its padding."""
+        out = TorchKVCache()
+        if self.keys is not None:
+            pad = self.pad[index]
+            out.keys = self.keys[index : index + 1, :, pad : self.length].clone()
+            out.values = self.values[index : index + 1, :, pad : self.length].clone()
+        out.length = self.length - self.pad[index]
+        return out
+
     def filter(self, indices) -> None:
         """Keep the sequences at `indices` (in that order); drop padding no one needs."""
         keep = [int(i) for i in np.asarray(indices).reshape(-1)]
