@@ -155,8 +155,9 @@ def local_ring(ranks: int, model: str, compute: dict | None = None) -> ClusterCo
         raise UserError(f"--ranks must be between 1 and the model's {fp.num_layers} layers")
     spans = keep_kv_pairs(split_layers(fp.num_layers, [1] * ranks), fp.kv_pairs)
     nodes = tuple(
-        NodeConfig(name=f"rank{r}", host="localhost", memory_gb="auto", layers=span,
-                   **(compute or {}))  # fmt: skip
+        NodeConfig(
+            name=f"rank{r}", host="localhost", memory_gb="auto", layers=span, **(compute or {})
+        )  # fmt: skip
         for r, span in enumerate(spans)
     )
     return ClusterConfig(name=f"local-{ranks}", nodes=nodes)
@@ -198,7 +199,8 @@ def resolve(
 
 
 def launch_job(config: str | None, ranks: int | None, model: str | None, job: str,
-               job_options: dict, head_output=None, compute: dict | None = None) -> int:  # fmt: skip
+               job_options: dict, head_output=None,
+               compute: dict | None = None) -> int:  # fmt: skip
     """Start the ring, run `job` on the head, stop every rank; the exit code of the whole.
 
     The head's output goes to `head_output` (a binary stream; default stdout); `compute`

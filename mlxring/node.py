@@ -46,10 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True)
     parser.add_argument("--layers", type=int, nargs=2, required=True, metavar=("START", "END"))
     parser.add_argument("--backend", default="ring", choices=("ring", "jaccl"))
-    parser.add_argument("--compute", default="mlx", choices=("mlx", "torch"),
-                        help="compute backend of this rank's layers")
+    parser.add_argument(
+        "--compute",
+        default="mlx",
+        choices=("mlx", "torch"),
+        help="compute backend of this rank's layers",
+    )
     parser.add_argument("--device", default=None, help="torch: cpu | cuda")
-    parser.add_argument("--dtype", default="auto", help="torch: float32 | float16 | bfloat16 | auto")
+    parser.add_argument(
+        "--dtype", default="auto", help="torch: float32 | float16 | bfloat16 | auto"
+    )
     parser.add_argument("--job", default="serve", choices=JOBS)
     parser.add_argument("--job-args", default="{}", help="JSON options of the head's job")
     return parser.parse_args(argv)

@@ -29,12 +29,18 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
 
 def add_compute_args(parser: argparse.ArgumentParser) -> None:
     """--backend/--device/--dtype: how this node (or every rank of --ranks) computes."""
-    parser.add_argument("--backend", choices=("mlx", "torch"), default="mlx",
-                        help="compute backend (a --config sets it per node)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="torch device (default cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="torch dtype (default: the checkpoint's)")
+    parser.add_argument(
+        "--backend",
+        choices=("mlx", "torch"),
+        default="mlx",
+        help="compute backend (a --config sets it per node)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="torch device (default cpu)"
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="torch dtype (default: the checkpoint's)"
+    )
 
 
 def compute_options(args: argparse.Namespace) -> dict | None:

@@ -139,9 +139,14 @@ class Scheduler:
         for seq in self.prefilling:  # others at the same point: one batch, no padding
             if (len(batch) + 1) * length > self.prefill_chunk:
                 break
-            if seq is not first and seq.id not in self.busy_seqs and self._chunk(seq) == (
-                start,
-                length,
+            if (
+                seq is not first
+                and seq.id not in self.busy_seqs
+                and self._chunk(seq)
+                == (
+                    start,
+                    length,
+                )
             ):
                 batch.append(seq)
         self.busy_seqs.update(s.id for s in batch)

@@ -52,7 +52,8 @@ def shard_class(model_type: str, backend: str = "mlx") -> type:
 
 
 def load_shard(model_dir: str | Path, start: int, end: int, is_head: bool,
-               backend: str = "mlx", device: str | None = None, dtype: str | None = None):  # fmt: skip
+               backend: str = "mlx", device: str | None = None,
+               dtype: str | None = None):  # fmt: skip
     """Load layers [start, end) of the model in `model_dir` (the head also embeds/projects).
 
     `backend` "torch" runs them with torch on `device` (cpu | cuda) in `dtype`

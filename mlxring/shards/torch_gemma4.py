@@ -20,7 +20,8 @@ from mlxring.weights import CheckpointError
 
 class TorchGemma4Shard(TorchShard):
     HEAD_MODULES = (*TorchShard.HEAD_MODULES, "model.embed_tokens_per_layer",
-                    "model.per_layer_model_projection", "model.per_layer_projection_norm")  # fmt: skip
+                    "model.per_layer_model_projection",
+                    "model.per_layer_projection_norm")  # fmt: skip
 
     def __init__(self, model, start: int, end: int, is_head: bool, device, dtype):
         super().__init__(model, start, end, is_head, device, dtype)
