@@ -32,12 +32,12 @@ class LocalChain:
         """The last stage's output for `tokens` [B, T], advancing every stage's cache."""
         x = self.head.embed(tokens)
         for stage, cache in zip(self.stages, self.caches):
-            x = stage(x, cache)
+            x = stage(stage.arrive(x), cache)  # as on the ring: converted on arrival
         return x
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Logits [B, T, vocab] for `tokens` [B, T]."""
-        return self.head.logits(self.hidden(tokens))
+        return self.head.logits(self.head.arrive(self.hidden(tokens)))
 
     def cache_state(self) -> list:
         return [c.state for caches in self.caches for c in caches]

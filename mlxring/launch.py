@@ -135,7 +135,8 @@ def rank_specs(
         if node.backend == "torch" and node.is_local and not node.ssh:
             env[TORCH_THREADS_ENV] = os.environ.get(TORCH_THREADS_ENV, torch_threads)
         if node.is_local:  # run this very mlxring, installed or not
-            env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+            paths = [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         secret = key_env if not key_files[rank] else {}
         if rank == 0 and node.is_local and cluster.api.api_keys and not node.ssh:
             # API keys reach a local head through its environment, not its command line

@@ -111,7 +111,7 @@ BAD = [
     (
         "name: r\nnodes: [{name: a, host: h, memory_gb: 8, gpu: 1}]\n",
         "nodes[0].gpu: unknown field (expected one of name, host, port, memory_gb, reserve_gb, "
-        "backend, device, layers, ssh, python, cwd, rdma, cluster_key_file)",
+        "backend, device, dtype, layers, ssh, python, cwd, rdma, cluster_key_file)",
     ),
     (
         "name: r\nnodes: [{name: a, memory_gb: 8}]\n",

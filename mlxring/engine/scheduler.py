@@ -3,7 +3,8 @@
 A step is either one prefill chunk of one or more sequences, or one decode step
 of a micro-batch ("group"). Every prompt token but the last is prefilled in chunks;
 sequences at the same point of their prompts with chunks of the same length are
-prefilled together (at most `prefill_chunk` tokens in all), as one batch;
+prefilled together (at most `prefill_chunk` tokens in all), as one batch per step
+that can be in flight, so that in pipelined mode the stages overlap;
 the sequence then joins the group with the fewest members, and its first decode
 step feeds the last prompt token (as mlx-lm's generate_step does). Groups are
 disjoint and have at most one step in flight, so with one group per stage every
@@ -135,20 +136,11 @@ class Scheduler:
 
     def _prefill_step(self, first: Sequence) -> Step:
         start, length = self._chunk(first)
-        batch = [first]
-        for seq in self.prefilling:  # others at the same point: one batch, no padding
-            if (len(batch) + 1) * length > self.prefill_chunk:
-                break
-            if (
-                seq is not first
-                and seq.id not in self.busy_seqs
-                and self._chunk(seq)
-                == (
-                    start,
-                    length,
-                )
-            ):
-                batch.append(seq)
+        alike = [s for s in self.prefilling  # at the same point: one batch, no padding
+                 if s.id not in self.busy_seqs and self._chunk(s) == (start, length)]  # fmt: skip
+        # split among the steps that can be in flight at once, so that stages overlap
+        size = min(-(-len(alike) // self.num_groups), max(1, self.prefill_chunk // length))
+        batch = [first, *[s for s in alike if s is not first][: size - 1]]
         self.busy_seqs.update(s.id for s in batch)
         inputs = [s.prompt[start : start + length] for s in batch]
         return Step("prefill", batch, inputs, new=[s.id for s in batch if start == 0])
