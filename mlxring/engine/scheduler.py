@@ -2,9 +2,9 @@
 
 A step is either one prefill chunk of one or more sequences, or one decode step
 of a micro-batch ("group"). Every prompt token but the last is prefilled in chunks;
-sequences at the same point of their prompts with chunks of the same length are
-prefilled together (at most `prefill_chunk` tokens in all), as one batch per step
-that can be in flight, so that in pipelined mode the stages overlap;
+with `prefill_batch` > 1, up to that many sequences at the same point of their
+prompts with chunks of the same length are prefilled together (at most
+`prefill_chunk` tokens), split among the steps that can be in flight;
 the sequence then joins the group with the fewest members, and its first decode
 step feeds the last prompt token (as mlx-lm's generate_step does). Groups are
 disjoint and have at most one step in flight, so with one group per stage every
@@ -48,8 +48,12 @@ class Step:
 class Scheduler:
     """FIFO admission up to `max_batch` live sequences; chunked prefill between decode steps."""
 
-    def __init__(self, max_batch: int, prefill_chunk: int, num_groups: int):
+    def __init__(self, max_batch: int, prefill_chunk: int, num_groups: int,
+                 prefill_batch: int = 1):  # fmt: skip
         self.max_batch, self.prefill_chunk, self.num_groups = max_batch, prefill_chunk, num_groups
+        # sequences prefilled together at most: batching prompts at the same point sped up the
+        # torch CPU ring but slowed the MLX CPU ring (bench/RESULTS.md), so it is off by default
+        self.prefill_batch = prefill_batch
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.groups: list[list[Sequence]] = [[] for _ in range(num_groups)]
@@ -139,7 +143,8 @@ class Scheduler:
         alike = [s for s in self.prefilling  # at the same point: one batch, no padding
                  if s.id not in self.busy_seqs and self._chunk(s) == (start, length)]  # fmt: skip
         # split among the steps that can be in flight at once, so that stages overlap
-        size = min(-(-len(alike) // self.num_groups), max(1, self.prefill_chunk // length))
+        size = min(-(-len(alike) // self.num_groups), max(1, self.prefill_chunk // length),
+                   self.prefill_batch)  # fmt: skip
         batch = [first, *[s for s in alike if s is not first][: size - 1]]
         self.busy_seqs.update(s.id for s in batch)
         inputs = [s.prompt[start : start + length] for s in batch]
