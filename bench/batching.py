@@ -16,9 +16,21 @@ from common import MODEL, ensure_model, mlxring
 
 def run(mode: str, concurrency: int, prompt_tokens: int, gen_tokens: int) -> dict:
     where = [] if mode == "single" else ["--ranks", "2"]
-    out = mlxring("bench", "--model", str(MODEL), *where, "--mode", mode, "--json",
-                  "--concurrency", str(concurrency), "--prompt-tokens", str(prompt_tokens),
-                  "--gen-tokens", str(gen_tokens))  # fmt: skip
+    out = mlxring(
+        "bench",
+        "--model",
+        str(MODEL),
+        *where,
+        "--mode",
+        mode,
+        "--json",
+        "--concurrency",
+        str(concurrency),
+        "--prompt-tokens",
+        str(prompt_tokens),
+        "--gen-tokens",
+        str(gen_tokens),
+    )
     return json.loads(out)
 
 
@@ -29,8 +41,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ensure_model()
-    rows = [run(mode, c, args.prompt_tokens, args.gen_tokens)
-            for c in (1, 8) for mode in ("single", "lockstep", "pipelined")]  # fmt: skip
+    rows = [
+        run(mode, c, args.prompt_tokens, args.gen_tokens)
+        for c in (1, 8)
+        for mode in ("single", "lockstep", "pipelined")
+    ]
     agg = {(r["mode"], r["concurrency"]): r["aggregate_tok_s"] for r in rows}
     ratios = {
         "pipelined_vs_single_c8": round(agg["pipelined", 8] / agg["single", 8], 3),
@@ -45,11 +60,18 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ttft = f"{r['ttft_ms_p50']:.0f} | {r['ttft_ms_p95']:.0f}"
-        cells = [r["mode"], r["concurrency"], f"{r['aggregate_tok_s']:.2f}",
-                 r["per_request_tok_s"], ttft]  # fmt: skip
+        cells = [
+            r["mode"],
+            r["concurrency"],
+            f"{r['aggregate_tok_s']:.2f}",
+            r["per_request_tok_s"],
+            ttft,
+        ]
         print("| " + " | ".join(map(str, cells)) + " |")
-    print(f"\npipelined / single @ c8: {ratios['pipelined_vs_single_c8']:.3f}; "
-          f"pipelined / lockstep @ c8: {ratios['pipelined_vs_lockstep_c8']:.3f}")  # fmt: skip
+    print(
+        f"\npipelined / single @ c8: {ratios['pipelined_vs_single_c8']:.3f}; "
+        f"pipelined / lockstep @ c8: {ratios['pipelined_vs_lockstep_c8']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ SHAPE = ["--layers", "8", "--hidden", "1024", "--intermediate", "2816", "--heads
 
 
 def mlxring(*args: str, env: dict | None = None) -> str:
-    out = subprocess.run([sys.executable, "-m", "mlxring", *args], capture_output=True,
-                         text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "mlxring", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if out.returncode:
         sys.exit(f"mlxring {' '.join(args)} failed:\n{out.stderr}")
     return out.stdout
@@ -30,6 +34,7 @@ def ensure_model() -> Path:
 def decode_timing(ranks: int, tokens: int, env: dict | None = None) -> dict:
     """`timing` of one greedy generation through a local ring of `ranks` processes."""
     args = ["--raw", "--max-tokens", str(tokens), "--json", "--ranks", str(ranks)]
-    out = mlxring("generate", "--model", str(MODEL), "--prompt", "Benchmark the ring", *args,
-                  env=env)  # fmt: skip
+    out = mlxring(
+        "generate", "--model", str(MODEL), "--prompt", "Benchmark the ring", *args, env=env
+    )
     return json.loads(out)["timing"]

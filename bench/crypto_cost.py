@@ -20,7 +20,7 @@ import time
 from common import decode_timing, ensure_model
 
 from mlxring.crypto.link import Direction
-from mlxring.transport import SLOT_BYTES
+from mlxring.ring.transport import SLOT_BYTES
 
 HIDDEN = 1024
 
@@ -71,9 +71,11 @@ def main() -> None:
             f"seal+open per hop: {per_hop_decode * 1e6:.1f} us (decode), "
             f"{per_hop_prefill * 1e6:.0f} us (512-token prefill chunk)"
         )
-        print(f"2-rank decode step: crypto on {on:.2f} ms, off {off:.2f} ms; crypto share "
-              f"{hops * per_hop_decode * 1e3 / on:.3%} from the hops, "
-              f"{(on - off) / on:+.2%} measured on vs off")  # fmt: skip
+        print(
+            f"2-rank decode step: crypto on {on:.2f} ms, off {off:.2f} ms; crypto share "
+            f"{hops * per_hop_decode * 1e3 / on:.3%} from the hops, "
+            f"{(on - off) / on:+.2%} measured on vs off"
+        )
 
 
 if __name__ == "__main__":

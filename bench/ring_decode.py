@@ -40,8 +40,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"batch 1 decode: 1 rank {one:.2f} tok/s ({1000 / one:.1f} ms/step), "
-              f"{args.ranks} ranks {ring:.2f} tok/s: ratio {ring / one:.3f}")  # fmt: skip
+        print(
+            f"batch 1 decode: 1 rank {one:.2f} tok/s ({1000 / one:.1f} ms/step), "
+            f"{args.ranks} ranks {ring:.2f} tok/s: ratio {ring / one:.3f}"
+        )
 
 
 if __name__ == "__main__":

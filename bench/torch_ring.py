@@ -33,10 +33,23 @@ def run(mode: str, concurrency: int, args: argparse.Namespace, model: Path) -> d
     compute = ["--backend", "torch", "--dtype", args.dtype]
     if args.device:
         compute += ["--device", args.device]
-    out = mlxring("bench", "--model", str(model), *where, *compute, "--mode", mode, "--json",
-                  "--concurrency", str(concurrency), "--prompt-tokens", str(args.prompt_tokens),
-                  "--gen-tokens", str(args.gen_tokens),
-                  env={"TRANSFORMERS_VERBOSITY": "error"})  # fmt: skip
+    out = mlxring(
+        "bench",
+        "--model",
+        str(model),
+        *where,
+        *compute,
+        "--mode",
+        mode,
+        "--json",
+        "--concurrency",
+        str(concurrency),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--gen-tokens",
+        str(args.gen_tokens),
+        env={"TRANSFORMERS_VERBOSITY": "error"},
+    )
     return json.loads(out)
 
 
@@ -74,14 +87,21 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows, "ratios": ratios}))
         return
-    print("| mode | concurrency | aggregate tok/s (median) | all rounds | per-request tok/s "
-          "| TTFT p50 ms |")  # fmt: skip
+    print(
+        "| mode | concurrency | aggregate tok/s (median) | all rounds | per-request tok/s "
+        "| TTFT p50 ms |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         mode = "transformers generate" if r["mode"] == "single" else f"torch ring, {r['mode']}"
-        cells = [mode, r["concurrency"], f"{r['aggregate_tok_s']:.1f}",
-                 " / ".join(f"{a:.1f}" for a in r["aggregate_all_rounds"]),
-                 r["per_request_tok_s"], f"{r['ttft_ms_p50']:.0f}"]  # fmt: skip
+        cells = [
+            mode,
+            r["concurrency"],
+            f"{r['aggregate_tok_s']:.1f}",
+            " / ".join(f"{a:.1f}" for a in r["aggregate_all_rounds"]),
+            r["per_request_tok_s"],
+            f"{r['ttft_ms_p50']:.0f}",
+        ]
         print("| " + " | ".join(map(str, cells)) + " |")
     print("\n" + "; ".join(f"{k}: {v:.3f}" for k, v in ratios.items()))
 

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from mlxring.errors import user_errors
+from mlxring.errors import UserError
 
 COMMANDS = {
     "plan": "Show how a cluster splits a model's layers, before starting anything.",
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return modules[args.command].main(args) or 0
-    except user_errors() as e:
+    except UserError as e:
         print(f"mlxring {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

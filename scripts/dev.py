@@ -52,8 +52,15 @@ def demo() -> None:
     if not (DEMO_MODEL / "config.json").is_file():
         run(BIN / "mlxring", "make-tiny", "--family", "llama", "--out", DEMO_MODEL)
     port = free_port()
-    cmd = [str(BIN / "mlxring"), "launch", "configs/local-2.yaml", "--model", str(DEMO_MODEL),
-           "--port", str(port)]  # fmt: skip
+    cmd = [
+        str(BIN / "mlxring"),
+        "launch",
+        "configs/local-2.yaml",
+        "--model",
+        str(DEMO_MODEL),
+        "--port",
+        str(port),
+    ]
     print("+", " ".join(cmd), flush=True)
     ring = subprocess.Popen(cmd, cwd=ROOT)
     try:
@@ -68,12 +75,16 @@ def demo() -> None:
             "    messages=[{'role': 'user', 'content': sys.argv[3]}])\n"
             "print(f'\\nreply: {r.choices[0].message.content!r}\\n')\n"
         )
-        subprocess.run([str(BIN / "python"), "-c", ask, url, DEMO_MODEL.name, DEMO_PROMPT],
-                       check=True)  # fmt: skip
-        print(f"serving at {url}; try:\n  curl {url}/chat/completions -H 'content-type: "
-              f"application/json' -d '{{\"model\": \"{DEMO_MODEL.name}\", \"messages\": "
-              f"[{{\"role\": \"user\", \"content\": \"hi\"}}]}}'\n"
-              "Ctrl-C stops every rank.", flush=True)  # fmt: skip
+        subprocess.run(
+            [str(BIN / "python"), "-c", ask, url, DEMO_MODEL.name, DEMO_PROMPT], check=True
+        )
+        print(
+            f"serving at {url}; try:\n  curl {url}/chat/completions -H 'content-type: "
+            f'application/json\' -d \'{{"model": "{DEMO_MODEL.name}", "messages": '
+            f'[{{"role": "user", "content": "hi"}}]}}\'\n'
+            "Ctrl-C stops every rank.",
+            flush=True,
+        )
         ring.wait()
     finally:
         if ring.poll() is None:

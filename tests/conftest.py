@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlxring.tiny import make_tiny
+from mlxring.tiny.make import make_tiny
 
 TINY_LAYERS = 6
 

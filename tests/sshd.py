@@ -27,8 +27,9 @@ class PrivateSshd:
         self.key = root / "id_ed25519"
         host_key = root / "host_ed25519"
         for path in (self.key, host_key):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
-                           check=True)  # fmt: skip
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True
+            )
         (root / "authorized_keys").write_text((root / "id_ed25519.pub").read_text())
         config = root / "sshd_config"
         config.write_text(

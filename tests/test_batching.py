@@ -74,12 +74,16 @@ def test_cancel_evicts_on_the_next_step_of_its_group():
 
 def launch(model, ranks: int, job: str, opts: dict) -> dict:
     code = (
-        "import io, sys, json\nfrom mlxring.launch import launch_job\nbuf = io.BytesIO()\n"
+        "import io, sys, json\nfrom mlxring.cluster.launch import launch_job\nbuf = io.BytesIO()\n"
         f"rc = launch_job(None, {ranks}, sys.argv[1], {job!r}, json.loads(sys.argv[2]), buf)\n"
         "sys.stdout.write(buf.getvalue().decode()); sys.exit(rc)"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(model), json.dumps(opts)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model), json.dumps(opts)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -88,8 +92,13 @@ def launch(model, ranks: int, job: str, opts: dict) -> dict:
 def requests_and_solo(tiny_llama):
     """16 requests of different prompt lengths and max_tokens, and each one's solo tokens."""
     rng = random.Random(3)
-    reqs = [{"prompt": [rng.randrange(3, 380) for _ in range(rng.randrange(1, 40))],
-             "max_tokens": rng.randrange(3, 14)} for _ in range(16)]  # fmt: skip
+    reqs = [
+        {
+            "prompt": [rng.randrange(3, 380) for _ in range(rng.randrange(1, 40))],
+            "max_tokens": rng.randrange(3, 14),
+        }
+        for _ in range(16)
+    ]
     model, _ = mlx_lm_load(str(tiny_llama))
     solo = []
     for r in reqs:
@@ -106,7 +115,9 @@ def requests_and_solo(tiny_llama):
 @pytest.mark.parametrize("ranks, mode", [(2, "pipelined"), (3, "pipelined"), (2, "lockstep")])
 def test_16_concurrent_requests_equal_their_solo_runs(tiny_llama, requests_and_solo, ranks, mode):
     reqs, solo = requests_and_solo
-    out = launch(tiny_llama, ranks, "batch", {"requests": reqs, "mode": mode, "max_batch": 16})
+    out = launch(
+        tiny_llama, ranks, "batch", {"requests": reqs, "engine": {"mode": mode, "max_batch": 16}}
+    )
     for i, (result, want) in enumerate(zip(out["results"], solo)):
         assert result["tokens"] == want, f"request {i} differs from its solo run"
     assert all(stage["sequences"] == [] for stage in out["stats"])  # everything freed
@@ -114,12 +125,16 @@ def test_16_concurrent_requests_equal_their_solo_runs(tiny_llama, requests_and_s
 
 def test_admissions_happen_while_others_decode(tiny_llama, requests_and_solo):
     reqs, solo = requests_and_solo
-    out = launch(tiny_llama, 2, "batch", {"requests": reqs, "max_batch": 4})
+    out = launch(tiny_llama, 2, "batch", {"requests": reqs, "engine": {"max_batch": 4}})
     results = out["results"]
     assert [r["tokens"] for r in results] == solo
     # a request admitted later got its first token while an earlier one was still decoding
-    interleaved = [(i, j) for i, a in enumerate(results) for j, b in enumerate(results)
-                   if a["ticks"][0] < b["ticks"][0] < a["ticks"][-1] and j >= 4]  # fmt: skip
+    interleaved = [
+        (i, j)
+        for i, a in enumerate(results)
+        for j, b in enumerate(results)
+        if a["ticks"][0] < b["ticks"][0] < a["ticks"][-1] and j >= 4
+    ]
     assert interleaved, "no admission happened while another request was decoding"
 
 

@@ -11,7 +11,7 @@ import pytest
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
-from mlxring.jobs import encode_prompt
+from mlxring.model.tokenizer import encode_prompt
 
 PROMPT = "Tell me about the ring"
 
@@ -33,8 +33,17 @@ def test_generate_greedy_equals_mlx_lm_generate_step(tiny_llama, raw):
     want = [int(token) for token, _ in steps]
 
     args = ["--raw"] if raw else []
-    out = mlxring("generate", "--model", str(tiny_llama), "--prompt", PROMPT,
-                  "--max-tokens", "24", "--json", *args)  # fmt: skip
+    out = mlxring(
+        "generate",
+        "--model",
+        str(tiny_llama),
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "24",
+        "--json",
+        *args,
+    )
     result = json.loads(out.stdout)
     assert result["tokens"][: len(want)] == want
     assert result["prompt_tokens"] == len(prompt)
@@ -54,8 +63,9 @@ def test_generate_sampling_is_seeded(tiny_llama):
 def test_generate_streams_text(tiny_llama):
     out = mlxring("generate", "--model", str(tiny_llama), "--prompt", "hi", "--max-tokens", "8")
     plain = out.stdout.strip()
-    as_json = mlxring("generate", "--model", str(tiny_llama), "--prompt", "hi",
-                      "--max-tokens", "8", "--json")  # fmt: skip
+    as_json = mlxring(
+        "generate", "--model", str(tiny_llama), "--prompt", "hi", "--max-tokens", "8", "--json"
+    )
     assert plain == json.loads(as_json.stdout)["text"].strip()
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxring.config import (
+from mlxring.cluster.config import (
     DEFAULT_RESERVE_GB,
     ApiConfig,
     BatchingConfig,
@@ -50,7 +50,7 @@ BAD = [
     (
         "name: r\nnodes:\n  - {name: a, host: h, memory_gb: 8, python: ''}\n",
         "nodes[0].python: expected a non-empty string, got ''",
-    ),  # fmt: skip
+    ),
     # top level
     ("- just\n- a list\n", "top level: expected a mapping with name, nodes, got a list"),
     ("", "top level: expected a mapping with name, nodes, got nothing"),
@@ -98,6 +98,35 @@ BAD = [
     (
         f"name: r\nbatching: {{max_batch: 2.5}}\nnodes: [{A}]\n",
         "batching.max_batch: expected an integer >= 1, got 2.5",
+    ),
+    (
+        f"name: r\nbatching: {{prefill_batch: 0}}\nnodes: [{A}]\n",
+        "batching.prefill_batch: expected an integer >= 1, got 0",
+    ),
+    (
+        f"name: r\nbatching: {{mode: eager}}\nnodes: [{A}]\n",
+        "batching.mode: expected 'pipelined' or 'lockstep', got 'eager'",
+    ),
+    (
+        f"name: r\nbatching: {{step_timeout: 0}}\nnodes: [{A}]\n",
+        "batching.step_timeout: expected a positive number, got 0",
+    ),
+    (
+        f"name: r\nbatching: {{step_timeout: .inf}}\nnodes: [{A}]\n",
+        "batching.step_timeout: expected a positive number, got inf",
+    ),
+    (
+        f"name: r\nbatching: {{max_tokens: '64'}}\nnodes: [{A}]\n",
+        "batching.max_tokens: expected an integer >= 1, got '64'",
+    ),
+    (
+        f"name: r\nbatching: {{max_token: 64}}\nnodes: [{A}]\n",
+        "batching.max_token: unknown field (did you mean 'max_tokens'?)",
+    ),
+    (
+        f"name: r\nbatching: 16\nnodes: [{A}]\n",
+        "batching: expected a mapping with max_batch, prefill_chunk, prefill_batch, mode, "
+        "step_timeout, max_tokens, got 16",
     ),
     # one node's fields
     (

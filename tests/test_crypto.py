@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxring.crypto import codec
 from mlxring.crypto.handshake import HELLO_BYTES, HandshakeError, secure_ring
 from mlxring.crypto.keys import ClusterKeyError, new_key, read_key_file, write_key
 from mlxring.crypto.link import Direction, IntegrityError, RingCipher
-from mlxring.transport import Channel, ProtocolError
+from mlxring.ring import codec
+from mlxring.ring.transport import Channel, ProtocolError
 from tests.memring import MemoryRing, run_all
 
 KEY = bytes(range(32))
@@ -60,9 +60,18 @@ def test_the_wrong_key_peer_receives_no_model_data():
     assert not sizes or max(sizes) <= HELLO_BYTES + 32  # only handshake messages ever moved
 
 
-TRANSCRIPT = [("hello", 0), ("hello", 9), ("hello", 13), ("hello", 45), ("hello", 76),
-              ("reply", 1), ("reply", 20), ("reply", 50), ("reply", 100),
-              ("confirm", 5)]  # fmt: skip
+TRANSCRIPT = [
+    ("hello", 0),
+    ("hello", 9),
+    ("hello", 13),
+    ("hello", 45),
+    ("hello", 76),
+    ("reply", 1),
+    ("reply", 20),
+    ("reply", 50),
+    ("reply", 100),
+    ("confirm", 5),
+]
 
 
 @pytest.mark.parametrize("message, offset", TRANSCRIPT)

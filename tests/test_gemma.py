@@ -16,16 +16,17 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from chain import Chain, complete
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
-from mlxring import jobs
-from mlxring.generate import LocalChain
+from mlxring.model import tokenizer as jobs
+from mlxring.model.facts import CheckpointError, read_config
+from mlxring.model.weights import load_subset
 from mlxring.shards import kv_sharing_pairs, load_shard
 from mlxring.tiny import gemma as tiny_gemma
-from mlxring.tiny import make_tiny
-from mlxring.weights import CheckpointError, load_subset, read_config
+from mlxring.tiny.make import make_tiny
 from tests.oracle import mlx_lm_steps
 
 LAYERS, WINDOW = 6, tiny_gemma.SLIDING_WINDOW
@@ -83,11 +84,12 @@ def test_chained_shards_match_mlx_lm(checkpoints, name):
             with pytest.raises(CheckpointError, match="split a K/V-sharing pair"):
                 [load_shard(model_dir, a, b, is_head=(a == 0)) for a, b in split]
             continue
-        chain = LocalChain([load_shard(model_dir, a, b, is_head=(a == 0)) for a, b in split])
+        chain = Chain([load_shard(model_dir, a, b, is_head=(a == 0)) for a, b in split])
         for tokens, want in zip(steps, expected):
             got = chain(tokens)
-            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5,
-                                       err_msg=f"{name} split {split}")  # fmt: skip
+            np.testing.assert_allclose(
+                np.array(got), np.array(want), rtol=1e-4, atol=1e-5, err_msg=f"{name} split {split}"
+            )
 
 
 def test_kv_sharing_pairs(checkpoints):
@@ -151,7 +153,7 @@ def test_multimodal_checkpoint_runs_its_text_tower(checkpoints, tmp_path, family
     assert pairs == kv_sharing_pairs(read_config(checkpoints[family]))
     split = [(0, 2), (2, 6)]
     assert keeps_pairs(split, pairs)
-    chain = LocalChain([load_shard(model_dir, a, b, is_head=(a == 0)) for a, b in split])
+    chain = Chain([load_shard(model_dir, a, b, is_head=(a == 0)) for a, b in split])
     for tokens, want in zip(steps, expected):
         np.testing.assert_allclose(np.array(chain(tokens)), np.array(want), rtol=1e-4, atol=1e-5)
 
@@ -170,8 +172,7 @@ def test_greedy_tokens_match_transformers(checkpoints, family):
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False)
     want = until_eos(out[0, len(prompt) :].tolist())
     stages = [load_shard(model_dir, 0, 2, is_head=True), load_shard(model_dir, 2, 6, False)]
-    chain = LocalChain(stages)
-    got = jobs.complete(chain, tokenizer, PROMPT, {"max_tokens": MAX_TOKENS, "json": True})
+    got = {"tokens": complete(stages, model_dir, PROMPT, MAX_TOKENS)}
     assert got["tokens"] == want
     assert len(set(want)) > MAX_TOKENS // 2  # the random model's tokens are discriminating
 
@@ -184,9 +185,24 @@ def test_ring_greedy_tokens_equal_mlx_lm(checkpoints, family):
     steps = generate_step(mx.array(prompt), model, max_tokens=MAX_TOKENS)
     want = until_eos([int(t) for t, _ in steps])
     out = subprocess.run(
-        [sys.executable, "-m", "mlxring", "generate", "--model", str(model_dir), "--prompt",
-         PROMPT, "--max-tokens", str(MAX_TOKENS), "--json", "--ranks", "2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlxring",
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--json",
+            "--ranks",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["tokens"] == want

@@ -14,16 +14,17 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from chain import Chain, generate
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
-from mlxring import jobs
-from mlxring.generate import LocalChain, generate_tokens
+from mlxring.model import tokenizer as jobs
+from mlxring.model.facts import CheckpointError
 from mlxring.shards import load_shard
 from mlxring.shards.gpt_oss import experts_out_in
-from mlxring.tiny import LAYOUTS, make_tiny
+from mlxring.tiny import LAYOUTS
 from mlxring.tiny import gpt_oss as tiny_gpt_oss
-from mlxring.weights import CheckpointError
+from mlxring.tiny.make import make_tiny
 from tests.oracle import mlx_lm_steps
 
 LAYERS, PROMPT_LEN, DECODE_STEPS, BATCH = 6, 11, 8, 2
@@ -68,8 +69,8 @@ def mlx_lm_model(checkpoint, layout: str):
     return mlx_lm_load(str(checkpoint(layout)))[0]
 
 
-def chain(model_dir, split) -> LocalChain:
-    return LocalChain([load_shard(model_dir, a, b, is_head=(a == 0)) for a, b in split])
+def shards_of(model_dir, split) -> list:
+    return [load_shard(model_dir, a, b, is_head=(a == 0)) for a, b in split]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def oracle(checkpoint):
 @pytest.mark.parametrize("layout", ["transformers", "original", "mlx-community", "original-mxfp4"])
 def test_chained_shards_match_mlx_lm(checkpoint, oracle, layout, split):
     steps, expected = oracle(layout)
-    shards = chain(checkpoint(layout), split)
+    shards = Chain(shards_of(checkpoint(layout), split))
     for tokens, want in zip(steps, expected):
         np.testing.assert_allclose(np.array(shards(tokens)), np.array(want), rtol=1e-4, atol=1e-4)
 
@@ -100,8 +101,8 @@ def test_quantized_shards_greedy_tokens_match_mlx_lm(checkpoint, layout):
     model, tokenizer = mlx_lm_load(str(checkpoint(layout)))
     prompt = jobs.encode_prompt(tokenizer, PROMPT)
     want = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=12)]
-    shards = chain(checkpoint(layout), [(0, 2), (2, 3), (3, 6)])
-    assert list(generate_tokens(shards, shards.cache_state, prompt, 12)) == want
+    shards = shards_of(checkpoint(layout), [(0, 2), (2, 3), (3, 6)])
+    assert generate(shards, checkpoint(layout), prompt, 12) == want
 
 
 def test_greedy_tokens_match_transformers_generate(checkpoint):
@@ -111,12 +112,17 @@ def test_greedy_tokens_match_transformers_generate(checkpoint):
     model_dir = checkpoint("transformers")
     prompt = jobs.encode_prompt(jobs.load_tokenizer(str(model_dir)), PROMPT)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)  # fmt: skip
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     want = out[0, len(prompt) :].tolist()
     assert len(want) == 12
-    shards = chain(model_dir, [(0, 3), (3, 6)])
-    assert list(generate_tokens(shards, shards.cache_state, prompt, 12)) == want
+    shards = shards_of(model_dir, [(0, 3), (3, 6)])
+    assert generate(shards, model_dir, prompt, 12) == want
 
 
 def test_ring_generate_matches_mlx_lm(checkpoint):
@@ -126,10 +132,25 @@ def test_ring_generate_matches_mlx_lm(checkpoint):
     want = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=12)]
     assert 2 not in want  # no early stop at eos: all 12 tokens compare
     out = subprocess.run(
-        [sys.executable, "-m", "mlxring", "generate", "--model", str(model_dir),
-         "--prompt", PROMPT, "--max-tokens", "12", "--json", "--ranks", "2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlxring",
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "12",
+            "--json",
+            "--ranks",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["tokens"] == want
 

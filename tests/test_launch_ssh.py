@@ -55,24 +55,54 @@ def node_pids(model: Path, name: str) -> list[int]:
 
 
 def test_generate_over_ssh_equals_local_ring(tiny_llama, tmp_path, server):
-    args = ["generate", "--model", str(tiny_llama), "--prompt", "hi", "--max-tokens", "12",
-            "--json"]  # fmt: skip
-    ssh = subprocess.run([sys.executable, "-m", "mlxring", *args, "--config", cluster(tmp_path)],
-                         env=env(server), capture_output=True, text=True, timeout=300)  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(tiny_llama),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]
+    ssh = subprocess.run(
+        [sys.executable, "-m", "mlxring", *args, "--config", cluster(tmp_path)],
+        env=env(server),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ssh.returncode == 0, ssh.stderr
-    local = subprocess.run([sys.executable, "-m", "mlxring", *args, "--ranks", "2"],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    local = subprocess.run(
+        [sys.executable, "-m", "mlxring", *args, "--ranks", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert json.loads(ssh.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
     assert not node_pids(tiny_llama, "far")
 
 
 def test_remote_rank_killed_is_reported_and_nothing_remains(tiny_llama, tmp_path, server):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxring", "launch", cluster(tmp_path), "--model", str(tiny_llama),
-         "--port", str(free_port())],
-        env=env(server), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlxring",
+            "launch",
+            cluster(tmp_path),
+            "--model",
+            str(tiny_llama),
+            "--port",
+            str(free_port()),
+        ],
+        env=env(server),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         seen = ""
         while "2 ranks ready" not in seen:
@@ -94,9 +124,22 @@ def test_remote_rank_killed_is_reported_and_nothing_remains(tiny_llama, tmp_path
 
 def test_a_node_started_over_ssh_needs_a_key_file(tiny_llama, tmp_path, server):
     out = subprocess.run(
-        [sys.executable, "-m", "mlxring", "generate", "--model", str(tiny_llama), "--prompt",
-         "hi", "--config", cluster(tmp_path, with_key=False)],
-        env=env(server), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlxring",
+            "generate",
+            "--model",
+            str(tiny_llama),
+            "--prompt",
+            "hi",
+            "--config",
+            cluster(tmp_path, with_key=False),
+        ],
+        env=env(server),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "node 'far' is started over ssh and has no cluster key" in out.stderr

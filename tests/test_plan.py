@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mlxring.plan import (
+from mlxring.cluster.plan import (
     GIB,
     ModelFootprint,
     NodeBudget,

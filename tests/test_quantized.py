@@ -9,16 +9,19 @@ import sys
 
 import mlx.core as mx
 import pytest
+from chain import complete
 from mlx_lm import convert
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
-from mlxring import jobs
-from mlxring.generate import LocalChain
+from mlxring.model import tokenizer as jobs
 from mlxring.shards import load_shard
 
-QUANTS = {"affine4": dict(q_bits=4, q_group_size=32), "affine8": dict(q_bits=8, q_group_size=64),
-          "mxfp4": dict(q_bits=4, q_group_size=32, q_mode="mxfp4")}  # fmt: skip
+QUANTS = {
+    "affine4": dict(q_bits=4, q_group_size=32),
+    "affine8": dict(q_bits=8, q_group_size=64),
+    "mxfp4": dict(q_bits=4, q_group_size=32, q_mode="mxfp4"),
+}
 PROMPT = "Quantized weights around the ring"
 
 
@@ -49,18 +52,32 @@ def test_the_checkpoint_is_quantized(quantized):
 @pytest.mark.parametrize("split", [[(0, 6)], [(0, 2), (2, 6)], [(0, 1), (1, 5), (5, 6)]])
 def test_chained_quantized_shards_equal_mlx_lm(quantized, split):
     _, path, want = quantized
-    chain = LocalChain([load_shard(path, a, b, is_head=(a == 0)) for a, b in split])
-    _, tokenizer = mlx_lm_load(str(path))
-    got = jobs.complete(chain, tokenizer, PROMPT, {"max_tokens": 10, "json": True})
+    shards = [load_shard(path, a, b, is_head=(a == 0)) for a, b in split]
+    got = {"tokens": complete(shards, path, PROMPT, 10)}
     assert got["tokens"] == want
 
 
 def test_quantized_ring_tokens_equal_mlx_lm(tiny_llama, tmp_path_factory):
     _, path, want = make_quantized("affine4", tiny_llama, tmp_path_factory)
     out = subprocess.run(
-        [sys.executable, "-m", "mlxring", "generate", "--model", str(path), "--prompt", PROMPT,
-         "--max-tokens", "10", "--json", "--ranks", "2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlxring",
+            "generate",
+            "--model",
+            str(path),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "10",
+            "--json",
+            "--ranks",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["tokens"] == want

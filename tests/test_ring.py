@@ -15,11 +15,11 @@ import time
 
 import mlx.core as mx
 import pytest
+from chain import complete
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
-from mlxring import jobs
-from mlxring.generate import LocalChain
+from mlxring.model import tokenizer as jobs
 from mlxring.shards import load_shard
 from tests.ringutil import alive, children, cmdline, free_port, stop_launcher
 
@@ -49,8 +49,11 @@ def reference(tiny_llama):
     model, tokenizer = mlx_lm_load(str(tiny_llama))
     prompt = jobs.encode_prompt(tokenizer, PROMPT)
     want = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=MAX_TOKENS)]
-    chain = LocalChain([load_shard(tiny_llama, 0, 6, is_head=True)])
-    single = jobs.complete(chain, tokenizer, PROMPT, {"max_tokens": MAX_TOKENS, "json": True})
+    single = {
+        "tokens": complete(
+            [load_shard(tiny_llama, 0, 6, is_head=True)], tiny_llama, PROMPT, MAX_TOKENS
+        )
+    }
     assert single["tokens"] == want
     return want
 
@@ -70,8 +73,17 @@ def test_ring_greedy_tokens_equal_single_node_and_mlx_lm(tiny_llama, reference, 
     where = CASES[case]
     if where[0] != "--ranks":
         where = ["--config", write_config(tmp_path, where)]
-    out = mlxring("generate", "--model", str(tiny_llama), "--prompt", PROMPT,
-                  "--max-tokens", str(MAX_TOKENS), "--json", *where)  # fmt: skip
+    out = mlxring(
+        "generate",
+        "--model",
+        str(tiny_llama),
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--json",
+        *where,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["tokens"] == reference
 
@@ -91,8 +103,11 @@ def rank_pids(proc: subprocess.Popen, size: int, timeout: float = 120) -> dict[s
     """Node name -> pid of the rank processes the launcher started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = {cmdline(p).split("--name ")[1].split()[0]: p for p in children(proc.pid)
-                if "mlxring.node" in cmdline(p)}  # fmt: skip
+        pids = {
+            cmdline(p).split("--name ")[1].split()[0]: p
+            for p in children(proc.pid)
+            if "mlxring.node" in cmdline(p)
+        }
         if len(pids) == size:
             return pids
         time.sleep(0.1)
@@ -110,8 +125,18 @@ def wait_for(proc, stream, text: str, timeout: float = 120) -> None:
 @pytest.mark.parametrize("command", ["generate", "launch"])
 def test_sigkilled_rank_stops_the_ring_with_a_clear_message(tiny_llama, tmp_path, command):
     if command == "generate":
-        proc = start("generate", "--model", str(tiny_llama), "--prompt", PROMPT, "--raw",
-                     "--max-tokens", "1000000", "--ranks", "3")  # fmt: skip
+        proc = start(
+            "generate",
+            "--model",
+            str(tiny_llama),
+            "--prompt",
+            PROMPT,
+            "--raw",
+            "--max-tokens",
+            "1000000",
+            "--ranks",
+            "3",
+        )
     else:
         config = write_config(tmp_path, ["0-1", "2-3", "4-5"])
         proc = start("launch", config, "--model", str(tiny_llama), "--port", str(free_port()))

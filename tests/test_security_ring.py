@@ -26,10 +26,22 @@ def test_a_rank_with_a_different_key_stops_launch_within_5s_naming_it(tiny_llama
     )
     started = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "mlxring", "launch", str(config), "--model", str(tiny_llama),
-         "--port", str(free_port())],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlxring",
+            "launch",
+            str(config),
+            "--model",
+            str(tiny_llama),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     took = time.monotonic() - started
     assert out.returncode != 0
     assert "node 'n1' (rank 1, localhost) does not hold the cluster key" in out.stderr, out.stderr
@@ -39,14 +51,36 @@ def test_a_rank_with_a_different_key_stops_launch_within_5s_naming_it(tiny_llama
 
 def start_rank(rank: int, hostfile: str, model, key_hex: str, job_args: dict):
     layers = ["0", "3"] if rank == 0 else ["3", "6"]
-    argv = [sys.executable, "-m", "mlxring.node", "--name", f"r{rank}", "--cluster", "tamper",
-            "--model", str(model), "--layers", *layers]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "mlxring.node",
+        "--name",
+        f"r{rank}",
+        "--cluster",
+        "tamper",
+        "--model",
+        str(model),
+        "--layers",
+        *layers,
+    ]
     if rank == 0:
         argv += ["--job", "generate", "--job-args", json.dumps(job_args)]
-    env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": hostfile,
-           "MLXRING_CLUSTER_KEY": key_hex, "PYTHONPATH": str(ROOT)}  # fmt: skip
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "MLX_RANK": str(rank),
+        "MLX_HOSTFILE": hostfile,
+        "MLXRING_CLUSTER_KEY": key_hex,
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_a_flipped_byte_on_the_wire_fails_the_request_with_an_integrity_error(tiny_llama, tmp_path):

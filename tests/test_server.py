@@ -17,7 +17,7 @@ import pytest
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
-from mlxring import jobs
+from mlxring.model import tokenizer as jobs
 from tests.ringutil import children, cmdline, free_port, stop_launcher
 
 KEY = "test-key"
@@ -34,10 +34,22 @@ def server(tiny_llama, tmp_path_factory):
         "  - {name: tail, host: localhost, memory_gb: 8}\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxring", "launch", str(config), "--model", str(tiny_llama),
-         "--step-timeout", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlxring",
+            "launch",
+            str(config),
+            "--model",
+            str(tiny_llama),
+            "--step-timeout",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         seen = ""
         while "serving" not in seen:
@@ -70,9 +82,25 @@ def client(url: str, key: str = KEY) -> openai.OpenAI:
 
 
 def mlxring_generate(model, prompt: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "mlxring", "generate", "--model", str(model),
-                          "--prompt", prompt, "--max-tokens", "12", "--json", *args],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlxring",
+            "generate",
+            "--model",
+            str(model),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "12",
+            "--json",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -91,20 +119,25 @@ def test_chat_and_completions_equal_mlxring_generate(server, tiny_llama):
     assert chat.usage.completion_tokens == len(want["tokens"])
     assert chat.usage.prompt_tokens == want["prompt_tokens"]
     stream = c.chat.completions.create(
-        model=tiny_llama.name, max_tokens=12, temperature=0, stream=True,
+        model=tiny_llama.name,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
         messages=[{"role": "user", "content": "Tell me about rings"}],
-    )  # fmt: skip
+    )
     chunks = list(stream)
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want["text"]
     assert chunks[-1].usage.completion_tokens == len(want["tokens"])
 
     raw = mlxring_generate(tiny_llama, "Numbers like", "--raw")
-    comp = c.completions.create(model=tiny_llama.name, prompt="Numbers like", max_tokens=12,
-                                temperature=0)  # fmt: skip
+    comp = c.completions.create(
+        model=tiny_llama.name, prompt="Numbers like", max_tokens=12, temperature=0
+    )
     assert comp.choices[0].text == raw["text"] and comp.usage.completion_tokens == 12
-    streamed = c.completions.create(model=tiny_llama.name, prompt="Numbers like", max_tokens=12,
-                                    temperature=0, stream=True)  # fmt: skip
+    streamed = c.completions.create(
+        model=tiny_llama.name, prompt="Numbers like", max_tokens=12, temperature=0, stream=True
+    )
     assert "".join(ch.choices[0].text for ch in streamed) == raw["text"]
 
 
@@ -116,9 +149,12 @@ def test_32_concurrent_streaming_clients(server, tiny_llama, reference):
 
     async def one(c: openai.AsyncOpenAI, prompt: str, limit: int) -> str:
         stream = await c.chat.completions.create(
-            model=tiny_llama.name, max_tokens=limit, temperature=0, stream=True,
+            model=tiny_llama.name,
+            max_tokens=limit,
+            temperature=0,
+            stream=True,
             messages=[{"role": "user", "content": prompt}],
-        )  # fmt: skip
+        )
         return "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
 
     async def run() -> list[str]:
@@ -142,20 +178,34 @@ def error_of(response: httpx.Response) -> dict:
     [
         (b"{not json", 400, None),
         (b'{"model": "MODEL", "messages": "hello"}', 400, None),
-        (b'{"model": "MODEL", "messages": [{"role": "user", "content": "x"}], '
-         b'"temperature": "hot"}', 400, None),
-        (b'{"model": "MODEL", "messages": [{"role": "user", "content": "x"}], '
-         b'"max_tokens": 5000}', 400, "context_length_exceeded"),
-        (b'{"model": "other", "messages": [{"role": "user", "content": "x"}]}', 404,
-         "model_not_found"),
+        (
+            b'{"model": "MODEL", "messages": [{"role": "user", "content": "x"}], '
+            b'"temperature": "hot"}',
+            400,
+            None,
+        ),
+        (
+            b'{"model": "MODEL", "messages": [{"role": "user", "content": "x"}], '
+            b'"max_tokens": 5000}',
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            b'{"model": "other", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "model_not_found",
+        ),
     ],
-)  # fmt: skip
+)
 def test_errors_have_status_and_openai_shape(server, tiny_llama, body, status, code):
     _, url = server
     body = body.replace(b"MODEL", tiny_llama.name.encode())
-    r = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=30,
-                   headers={"authorization": f"Bearer {KEY}",
-                            "content-type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=body,
+        timeout=30,
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
     assert r.status_code == status, r.text
     assert error_of(r)["code"] == code
 
@@ -175,10 +225,20 @@ def live_sequences(url: str) -> list[list[int]]:
 
 def test_a_client_that_disconnects_frees_its_sequence(server, tiny_llama):
     _, url = server
-    body = {"model": tiny_llama.name, "max_tokens": 3000, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": "go on and on"}]}  # fmt: skip
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30,
-                      headers={"authorization": f"Bearer {KEY}"}) as r:  # fmt: skip
+    body = {
+        "model": tiny_llama.name,
+        "max_tokens": 3000,
+        "temperature": 0,
+        "stream": True,
+        "messages": [{"role": "user", "content": "go on and on"}],
+    }
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json=body,
+        timeout=30,
+        headers={"authorization": f"Bearer {KEY}"},
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         assert any(s for s in live_sequences(url))  # generating on every rank
@@ -198,9 +258,14 @@ def test_openapi_documents_every_endpoint(server):
 def test_metrics_are_prometheus_text(server):
     _, url = server
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    for name in ["mlxring_requests_total", "mlxring_generated_tokens_total",
-                 "mlxring_time_to_first_token_seconds_bucket", "mlxring_rank_step_seconds",
-                 "mlxring_queue_depth", "mlxring_inter_token_latency_seconds_bucket"]:  # fmt: skip
+    for name in [
+        "mlxring_requests_total",
+        "mlxring_generated_tokens_total",
+        "mlxring_time_to_first_token_seconds_bucket",
+        "mlxring_rank_step_seconds",
+        "mlxring_queue_depth",
+        "mlxring_inter_token_latency_seconds_bucket",
+    ]:
         assert name in text
 
 
@@ -214,9 +279,10 @@ def test_a_frozen_rank_makes_the_api_answer_503(server, tiny_llama):
         started = time.monotonic()
         with pytest.raises(openai.APIStatusError) as info:
             client(url).chat.completions.create(
-                model=tiny_llama.name, max_tokens=4,
+                model=tiny_llama.name,
+                max_tokens=4,
                 messages=[{"role": "user", "content": "anyone there?"}],
-            )  # fmt: skip
+            )
         assert info.value.status_code == 503 and time.monotonic() - started < 30
         r = httpx.get(f"{url}/health", timeout=30)
         assert r.status_code == 503 and error_of(r)["code"] == "ring_down"

@@ -6,11 +6,11 @@ import itertools
 
 import numpy as np
 import pytest
+from chain import Chain
 from mlx_lm import load as mlx_lm_load
 
-from mlxring.generate import LocalChain
+from mlxring.model.facts import CheckpointError
 from mlxring.shards import load_shard, shard_class
-from mlxring.weights import CheckpointError
 from tests.conftest import TINY_LAYERS
 from tests.oracle import mlx_lm_steps
 
@@ -37,7 +37,7 @@ def oracle(tiny_llama):
 @pytest.mark.parametrize("split", ALL_SPLITS, ids=lambda s: "/".join(f"{a}-{b}" for a, b in s))
 def test_chained_shards_match_mlx_lm(tiny_llama, oracle, split):
     steps, expected = oracle
-    chain = LocalChain([load_shard(tiny_llama, a, b, is_head=(a == 0)) for a, b in split])
+    chain = Chain([load_shard(tiny_llama, a, b, is_head=(a == 0)) for a, b in split])
     for tokens, want in zip(steps, expected):
         got = chain(tokens)
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)

@@ -18,15 +18,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from chain import generate
 
-from mlxring import jobs
-from mlxring.config import ConfigError, parse_config
-from mlxring.generate import LocalChain, generate_tokens
-from mlxring.launch import rank_specs, resolve
+from mlxring.cluster.config import ConfigError, parse_config
+from mlxring.cluster.launch import resolve
+from mlxring.cluster.ranks import rank_specs
+from mlxring.model import tokenizer as jobs
+from mlxring.model.facts import CheckpointError
 from mlxring.shards import load_shard
 from mlxring.shards.torch_cache import TorchKVCache, attention_mask, positions
-from mlxring.tiny import make_tiny
-from mlxring.weights import CheckpointError
+from mlxring.tiny.make import make_tiny
 
 FAMILIES = ("llama", "gpt_oss", "gemma3", "gemma4")
 PROMPT = [364, 311, 78, 161, 53, 376, 40, 353, 172, 244]  # greedy output varies on every family
@@ -53,8 +54,13 @@ def hf_generate(model_dir, prompt: list[int], new_tokens: int) -> list[int]:
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)  # fmt: skip
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     return out[0, len(prompt) :].tolist()
 
 
@@ -64,18 +70,18 @@ def reference(checkpoints) -> dict[str, list[int]]:
     return {f: hf_generate(checkpoints[f], PROMPT, NEW_TOKENS) for f in FAMILIES}
 
 
-def chain_of(model_dir, split, backends, **torch_opts) -> LocalChain:
+def chain_of(model_dir, split, backends, **torch_opts) -> tuple[list, str]:
     """Shards for `split` in ring order, each on its backend (torch ones with `torch_opts`)."""
     stages = []
     for (start, end), backend in zip(split, backends):
         opts = torch_opts if backend == "torch" else {}
         stages.append(load_shard(model_dir, start, end, start == 0, backend=backend, **opts))
-    return LocalChain(stages)
+    return stages, model_dir
 
 
-def greedy(chain: LocalChain, prompt: list[int] = PROMPT, n: int = NEW_TOKENS) -> list[int]:
-    chain.reset()
-    return list(generate_tokens(chain, chain.cache_state, prompt, n, prefill_chunk=PREFILL_CHUNK))
+def greedy(chain: tuple[list, str], prompt: list[int] = PROMPT, n: int = NEW_TOKENS) -> list[int]:
+    stages, model_dir = chain
+    return generate(stages, model_dir, prompt, n, prefill_chunk=PREFILL_CHUNK)
 
 
 # --- in one process ------------------------------------------------------------
@@ -128,8 +134,9 @@ def test_batched_decode_over_padded_caches_equals_solo(checkpoints, family):
         c.filter(mx.array([1]))
     assert batch[0].pad == [0] and batch[0].length == 4
     t = int(batched[1].argmax())
-    np.testing.assert_allclose(step([[t]], batch)[0], step([[t]], solo_caches[1])[0],
-                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        step([[t]], batch)[0], step([[t]], solo_caches[1])[0], rtol=1e-4, atol=1e-4
+    )
 
 
 # --- real rings ----------------------------------------------------------------
@@ -139,8 +146,10 @@ def ring_config(tmp_path, backends: tuple[str, str], spans=("0-2", "3-5")):
     """A 2-node localhost cluster file, node i on backends[i] with layers spans[i]."""
     lines = ["name: mixed", "nodes:"]
     for i, (backend, span) in enumerate(zip(backends, spans)):
-        lines.append(f"  - {{name: n{i}, host: localhost, memory_gb: 8, reserve_gb: 0.5, "
-                     f"backend: {backend}, layers: '{span}'}}")  # fmt: skip
+        lines.append(
+            f"  - {{name: n{i}, host: localhost, memory_gb: 8, reserve_gb: 0.5, "
+            f"backend: {backend}, layers: '{span}'}}"
+        )
     path = tmp_path / f"{'-'.join(backends)}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -153,7 +162,7 @@ def launch(config, model_dir, job: str, opts: dict) -> dict:
     for node, spec in zip(cluster.nodes, specs):  # the config really starts a torch rank
         assert ("--compute" in spec.argv) == (node.backend == "torch"), spec.argv
     code = (
-        "import io, sys, json\nfrom mlxring.launch import launch_job\nbuf = io.BytesIO()\n"
+        "import io, sys, json\nfrom mlxring.cluster.launch import launch_job\nbuf = io.BytesIO()\n"
         f"rc = launch_job(sys.argv[1], None, sys.argv[2], {job!r}, json.loads(sys.argv[3]), buf)\n"
         "sys.stdout.write(buf.getvalue().decode()); sys.exit(rc)"
     )
@@ -165,9 +174,13 @@ def launch(config, model_dir, job: str, opts: dict) -> dict:
 
 @pytest.mark.parametrize(
     "family, backends",
-    [("llama", ("mlx", "torch")), ("llama", ("torch", "mlx")),
-     ("gemma4", ("mlx", "torch")), ("gemma4", ("torch", "mlx"))],
-)  # fmt: skip
+    [
+        ("llama", ("mlx", "torch")),
+        ("llama", ("torch", "mlx")),
+        ("gemma4", ("mlx", "torch")),
+        ("gemma4", ("torch", "mlx")),
+    ],
+)
 def test_mixed_ring_generate_equals_transformers(checkpoints, tmp_path, family, backends):
     """gemma4's per-layer inputs cross the ring between the backends too."""
     model_dir = checkpoints[family]
@@ -175,8 +188,13 @@ def test_mixed_ring_generate_equals_transformers(checkpoints, tmp_path, family, 
     prompt = jobs.encode_prompt(jobs.load_tokenizer(str(model_dir)), text, raw=True)
     want = until_eos(hf_generate(model_dir, prompt, max_tokens))
     assert len(set(want)) >= 4
-    opts = {"prompt": text, "max_tokens": max_tokens, "json": True, "raw": True,
-            "prefill_chunk": PREFILL_CHUNK}  # fmt: skip
+    opts = {
+        "prompt": text,
+        "max_tokens": max_tokens,
+        "json": True,
+        "raw": True,
+        "engine": {"prefill_chunk": PREFILL_CHUNK},
+    }
     out = launch(ring_config(tmp_path, backends), model_dir, "generate", opts)
     assert out["prompt_tokens"] == len(prompt)
     assert out["tokens"] == want
@@ -186,11 +204,13 @@ def test_concurrent_requests_on_a_mixed_ring_equal_their_solo_runs(checkpoints, 
     model_dir = checkpoints["llama"]
     rng = random.Random(5)
     # a one-token prompt is admitted straight to decode with an empty cache
-    reqs = [{"prompt": [rng.randrange(3, 380) for _ in range(n)],
-             "max_tokens": rng.randrange(3, 12)} for n in (1, 3, 5, 8, 11, 14, 19, 23)]  # fmt: skip
+    reqs = [
+        {"prompt": [rng.randrange(3, 380) for _ in range(n)], "max_tokens": rng.randrange(3, 12)}
+        for n in (1, 3, 5, 8, 11, 14, 19, 23)
+    ]
     solo = [until_eos(hf_generate(model_dir, r["prompt"], r["max_tokens"])) for r in reqs]
     assert len({tuple(s) for s in solo}) == len(solo)
-    opts = {"requests": reqs, "max_batch": 8, "prefill_chunk": PREFILL_CHUNK}
+    opts = {"requests": reqs, "engine": {"max_batch": 8, "prefill_chunk": PREFILL_CHUNK}}
     out = launch(ring_config(tmp_path, ("mlx", "torch")), model_dir, "batch", opts)
     for i, (result, want) in enumerate(zip(out["results"], solo)):
         assert result["tokens"] == want, f"request {i} differs from its solo run"
@@ -337,10 +357,12 @@ def test_quantized_checkpoint_on_torch_names_the_mlx_backend(checkpoints, tmp_pa
 
 @pytest.mark.parametrize(
     "fields, message",
-    [({"backend": "mlx", "dtype": "float16"}, "nodes[0].dtype: needs backend: torch"),
-     ({"backend": "torch", "device": "gpu"}, "nodes[0].device: backend torch runs on 'cpu' or"),
-     ({"device": "cuda"}, "nodes[0].device: 'cuda' needs backend: torch")],
-)  # fmt: skip
+    [
+        ({"backend": "mlx", "dtype": "float16"}, "nodes[0].dtype: needs backend: torch"),
+        ({"backend": "torch", "device": "gpu"}, "nodes[0].device: backend torch runs on 'cpu' or"),
+        ({"device": "cuda"}, "nodes[0].device: 'cuda' needs backend: torch"),
+    ],
+)
 def test_config_rejects_settings_of_the_other_backend(fields, message):
     node = {"name": "a", "host": "localhost", "memory_gb": 8, **fields}
     with pytest.raises(ConfigError, match=re.escape(message)):

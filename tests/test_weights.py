@@ -9,15 +9,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxring.generate import LocalChain
-from mlxring.shards import load_shard
-from mlxring.weights import (
-    CheckpointError,
+from mlxring.model.facts import CheckpointError
+from mlxring.model.weights import (
     footprint,
     layer_index,
     tensor_bytes,
     weight_map,
 )
+from mlxring.shards import load_shard
 
 
 def test_layer_index():
@@ -56,7 +55,7 @@ def test_files_of_other_layers_are_never_opened(tiny_llama, tmp_path):
     np.testing.assert_array_equal(np.array(got), np.array(want))
     # and the head, whose embedding/lm_head files are gone, cannot load from there
     with pytest.raises((CheckpointError, FileNotFoundError, ValueError, RuntimeError)):
-        LocalChain([load_shard(subset, 0, 2, is_head=True)])
+        load_shard(subset, 0, 2, is_head=True)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+from dataclasses import asdict
 
+from mlxring.cluster.config import EngineConfig
+from mlxring.cluster.launch import launch_job
 from mlxring.commands.generate import add_compute_args, compute_options
 from mlxring.errors import UserError
 
@@ -33,24 +37,26 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if min(args.concurrency, args.prompt_tokens, args.gen_tokens) < 1:
         raise UserError("--concurrency, --prompt-tokens and --gen-tokens must be >= 1")
-    opts = {"concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
-            "gen_tokens": args.gen_tokens, "mode": args.mode, "progress": not args.json,
-            "max_batch": max(16, args.concurrency)}  # fmt: skip
+    opts = {
+        "concurrency": args.concurrency,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "mode": args.mode,
+        "progress": not args.json,
+    }
     compute = compute_options(args)
     if args.mode == "single":
-        from mlxring import workload
+        # lazy: mlx-lm or transformers load only for the baseline that needs them
+        from mlxring.jobs import baselines
 
         if compute:
-            summary = workload.bench_single_torch(args.model, opts, compute["device"],
-                                                  compute["dtype"])  # fmt: skip
+            device, dtype = compute["device"], compute["dtype"]
+            summary = baselines.bench_single_torch(args.model, opts, device, dtype)
         else:
-            summary = workload.bench_single(args.model, opts)
+            summary = baselines.bench_single(args.model, opts)
         print_summary(summary, args.json)
         return 0
-    import io
-
-    from mlxring.launch import launch_job
-
+    opts["engine"] = asdict(EngineConfig(mode=args.mode, max_batch=max(16, args.concurrency)))
     captured = io.BytesIO()
     code = launch_job(args.config, args.ranks or 1, args.model, "bench", opts, captured, compute)
     if code:
@@ -63,7 +69,9 @@ def print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))
         return
-    print(f"{summary['mode']}, concurrency {summary['concurrency']}: "
-          f"aggregate {summary['aggregate_tok_s']:.2f} tok/s, per request "
-          f"{summary['per_request_tok_s']} tok/s, TTFT p50 {summary['ttft_ms_p50']:.0f} ms "
-          f"p95 {summary['ttft_ms_p95']:.0f} ms")  # fmt: skip
+    print(
+        f"{summary['mode']}, concurrency {summary['concurrency']}: "
+        f"aggregate {summary['aggregate_tok_s']:.2f} tok/s, per request "
+        f"{summary['per_request_tok_s']} tok/s, TTFT p50 {summary['ttft_ms_p50']:.0f} ms "
+        f"p95 {summary['ttft_ms_p95']:.0f} ms"
+    )

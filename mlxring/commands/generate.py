@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
-from mlxring.config import DTYPES
+from mlxring.cluster.config import DTYPES, EngineConfig
+from mlxring.cluster.launch import launch_job
 from mlxring.errors import UserError
-from mlxring.generate import DEFAULT_PREFILL_CHUNK
-from mlxring.jobs import DEFAULT_MAX_TOKENS
+
+DEFAULTS = EngineConfig()
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model directory (HF or mlx-community)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    parser.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens)
     parser.add_argument("--temp", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULTS.prefill_chunk)
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     add_compute_args(parser)
@@ -54,34 +56,35 @@ def compute_options(args: argparse.Namespace) -> dict | None:
     return {"backend": "torch", "device": args.device or "cpu", "dtype": args.dtype}
 
 
-def job_options(args: argparse.Namespace) -> dict:
-    keys = ("prompt", "max_tokens", "temp", "top_p", "seed", "prefill_chunk", "raw", "json")
-    return {k: getattr(args, k) for k in keys}
+def job_options(args: argparse.Namespace, engine: EngineConfig) -> dict:
+    keys = ("prompt", "max_tokens", "temp", "top_p", "seed", "raw", "json")
+    return {**{k: getattr(args, k) for k in keys}, "engine": asdict(engine)}
 
 
 def main(args: argparse.Namespace) -> int:
     if args.max_tokens < 1 or args.prefill_chunk < 1:
         raise UserError("--max-tokens and --prefill-chunk must be >= 1")
     compute = compute_options(args)
+    engine_config = EngineConfig(prefill_chunk=args.prefill_chunk, max_tokens=args.max_tokens)
+    opts = job_options(args, engine_config)
     if args.ranks is not None or args.config:
-        from mlxring.launch import launch_job
-
-        return launch_job(args.config, args.ranks, args.model, "generate", job_options(args),
-                          compute=compute)  # fmt: skip
+        return launch_job(args.config, args.ranks, args.model, "generate", opts, compute=compute)
     if not args.model:
         raise UserError("--model is required (or --config with a model)")
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: no such directory")
+    # lazy: mlx, mlx-lm and transformers load when a model runs here, not for every command
+    from mlxring.engine.engine import Engine
+    from mlxring.jobs.prompt import generate
+    from mlxring.model.facts import ModelFacts
+    from mlxring.model.tokenizer import load_tokenizer
+    from mlxring.shards import load_shard
 
-    from mlxring import jobs
-    from mlxring.node import head_engine
-    from mlxring.shards import load_shard, num_layers
-
-    shard = load_shard(args.model, 0, num_layers(args.model), is_head=True,
-                       **(compute or {}))  # fmt: skip
-    engine = head_engine(shard, None, args.model, job_options(args))
+    layers = ModelFacts.read(args.model).num_layers
+    shard = load_shard(args.model, 0, layers, is_head=True, **(compute or {}))
+    engine = Engine(shard, None, load_tokenizer(args.model), engine_config)
     try:
-        jobs.generate(engine, args.model, job_options(args))
+        generate(engine, args.model, opts)
     finally:
         engine.close()
     return 0

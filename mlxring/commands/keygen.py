@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlxring.crypto.keys import DEFAULT_KEY_FILE
+from mlxring.crypto.keys import DEFAULT_KEY_FILE, new_key, write_key
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
@@ -13,9 +13,9 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlxring.crypto.keys import new_key, write_key
-
     path = write_key(args.out, new_key(), force=args.force)
-    print(f"wrote a new cluster key to {path} (mode 0600); copy it to every node of the "
-          "cluster and set cluster_key_file (or MLXRING_CLUSTER_KEY)")  # fmt: skip
+    print(
+        f"wrote a new cluster key to {path} (mode 0600); copy it to every node of the "
+        "cluster and set cluster_key_file (or MLXRING_CLUSTER_KEY)"
+    )
     return 0

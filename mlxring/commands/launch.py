@@ -6,6 +6,13 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict, replace
+
+from mlxring.cluster.config import ClusterConfig
+from mlxring.cluster.fit import api_warning, plan_table
+from mlxring.cluster.launch import resolve, run_specs
+from mlxring.cluster.protocol import API_KEYS_ENV
+from mlxring.cluster.ranks import rank_specs
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
@@ -16,14 +23,14 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=("pipelined", "lockstep"),
-        default="pipelined",
-        help="micro-batch pipelining across the stages, or one batch at a time",
+        help="micro-batch pipelining across the stages, or one batch at a time "
+        "(overrides batching.mode; default pipelined)",
     )
     parser.add_argument(
         "--step-timeout",
         type=float,
-        default=60.0,
-        help="seconds without an answer before the ring is declared down (503)",
+        help="seconds without an answer before the ring is declared down, answering 503 "
+        "(overrides batching.step_timeout; default 60)",
     )
     parser.add_argument(
         "--dry-run",
@@ -32,29 +39,26 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def serve_options(cluster, model: str, args: argparse.Namespace) -> dict:
+def serve_options(cluster: ClusterConfig, model: str, args: argparse.Namespace) -> dict:
     """The head's `serve` job options (API keys travel in the environment, not here)."""
+    engine = cluster.batching
+    if args.mode:
+        engine = replace(engine, mode=args.mode)
+    if args.step_timeout is not None:
+        engine = replace(engine, step_timeout=args.step_timeout)
     return {
         "host": args.host or cluster.api.host,
         "port": args.port or cluster.api.port,
-        "max_batch": cluster.batching.max_batch,
-        "prefill_chunk": cluster.batching.prefill_chunk,
-        "mode": args.mode,
-        "step_timeout": args.step_timeout,
         "model_name": os.path.basename(os.path.normpath(model)),
+        "engine": asdict(engine),
     }
 
 
 def main(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from mlxring.cluster import api_warning, plan_table
-    from mlxring.launch import rank_specs, resolve, run_specs
-
     cluster, model, plan = resolve(args.config, None, args.model)
     if args.host:
         cluster = replace(cluster, api=replace(cluster.api, host=args.host))
-    if warning := api_warning(cluster, os.environ.get("MLXRING_API_KEYS")):
+    if warning := api_warning(cluster, os.environ.get(API_KEYS_ENV)):
         print(f"mlxring: warning: {warning}", file=sys.stderr)
     opts = serve_options(cluster, model, args)
     specs = rank_specs(cluster, plan, model, "serve", opts)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 
 from mlxring.errors import UserError
+from mlxring.tiny import FAMILIES, LAYOUTS
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
-    from mlxring.tiny import FAMILIES, LAYOUTS
-
     parser.add_argument("--family", choices=list(FAMILIES), default="llama")
     layouts = sorted({lay for options in LAYOUTS.values() for lay in options})
     parser.add_argument("--layout", choices=layouts, help="checkpoint layout (gpt_oss)")
@@ -23,7 +22,8 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        from mlxring.tiny import make_tiny
+        # lazy: the torch extra may be missing; then this command says how to install it
+        from mlxring.tiny.make import make_tiny
     except ImportError as e:
         raise UserError(
             f"make-tiny needs the torch extra ({e}): pip install 'mlxring[torch]'"
@@ -31,8 +31,16 @@ def main(args: argparse.Namespace) -> int:
     if args.layers < 1 or args.hidden % args.heads:
         raise UserError("--layers must be >= 1 and --hidden a multiple of --heads")
     try:
-        out = make_tiny(args.family, args.out, args.layers, args.hidden, args.intermediate,
-                        args.heads, args.seed, layout=args.layout)  # fmt: skip
+        out = make_tiny(
+            args.family,
+            args.out,
+            args.layers,
+            args.hidden,
+            args.intermediate,
+            args.heads,
+            args.seed,
+            layout=args.layout,
+        )
     except ValueError as e:
         raise UserError(str(e)) from e
     print(f"wrote a tiny {args.family} model ({args.layers} layers) to {out}")

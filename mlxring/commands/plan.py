@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from mlxring.cluster.config import load_config
+from mlxring.cluster.fit import cluster_plan, plan_table
 from mlxring.errors import UserError
 
 
@@ -15,9 +17,6 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mlxring.cluster import cluster_plan, plan_table
-    from mlxring.config import load_config
-
     cluster = load_config(args.config)
     model = args.model or cluster.model
     if not model:

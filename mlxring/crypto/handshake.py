@@ -12,7 +12,7 @@ modified transcript fails. Session keys come from HKDF over the X25519 shared
 secret and key material from the cluster key, salted with both nonces; one key
 per direction. Ephemeral keys give forward secrecy. Every rank is initiator on
 its right link and responder on its left one, at the same time; sends never
-block (see `mlxring.transport`), so the ring cannot deadlock here.
+block (see `mlxring.ring.transport`), so the ring cannot deadlock here.
 """
 
 from __future__ import annotations
@@ -101,8 +101,12 @@ class LinkEnd:
         peer = responder if initiator is self.hello else initiator
         shared = self.private.exchange(X25519PublicKey.from_public_bytes(peer.public))
         transcript = hashlib.sha256(initiator.pack() + responder.pack()).digest()
-        okm = _hkdf(shared + self.psk, b"mlxring v1 session " + transcript, 64,
-                    salt=initiator.nonce + responder.nonce)  # fmt: skip
+        okm = _hkdf(
+            shared + self.psk,
+            b"mlxring v1 session " + transcript,
+            64,
+            salt=initiator.nonce + responder.nonce,
+        )
         return okm[:32], okm[32:]
 
 

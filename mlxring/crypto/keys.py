@@ -7,12 +7,14 @@ import secrets
 import stat
 from pathlib import Path
 
+from mlxring.errors import UserError
+
 KEY_BYTES = 32
 KEY_ENV = "MLXRING_CLUSTER_KEY"
 DEFAULT_KEY_FILE = "~/.mlxring/cluster.key"
 
 
-class ClusterKeyError(ValueError):
+class ClusterKeyError(UserError, ValueError):
     """A cluster key that cannot be used; the message names the fix."""
 
 
@@ -46,8 +48,10 @@ def parse_key(text: str | bytes, where: str) -> bytes:
     except ValueError:
         key = b""
     if len(key) != KEY_BYTES:
-        raise ClusterKeyError(f"{where}: expected a {KEY_BYTES}-byte key as 64 hex digits "
-                        "(make one with `mlxring keygen`)")  # fmt: skip
+        raise ClusterKeyError(
+            f"{where}: expected a {KEY_BYTES}-byte key as 64 hex digits "
+            "(make one with `mlxring keygen`)"
+        )
     return key
 
 
@@ -57,8 +61,9 @@ def read_key_file(path: str | Path) -> bytes:
         data = path.read_bytes()
         mode = path.stat().st_mode
     except OSError as e:
-        raise ClusterKeyError(f"cluster key file {path}: {e.strerror}; make one with "
-                        f"`mlxring keygen --out {path}`") from None  # fmt: skip
+        raise ClusterKeyError(
+            f"cluster key file {path}: {e.strerror}; make one with `mlxring keygen --out {path}`"
+        ) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ClusterKeyError(f"cluster key file {path} is readable by others; chmod 600 {path}")
     return parse_key(data, f"cluster key file {path}")

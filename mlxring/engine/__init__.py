@@ -1,1 +1,1 @@
-"""Continuous batching on the head: requests, the scheduler, stage state, the engine loop."""
+"""The head's engine (continuous batching, pipelined micro-batches) and every stage's state."""

@@ -1,14 +1,15 @@
 """The engine on the head: the loop that keeps the ring busy, and its request API.
 
-    engine = Engine(head_shard, channel, tokenizer, num_stages=N, mode="pipelined")
+    engine = Engine(head_shard, channel, tokenizer, EngineConfig(mode="pipelined"))
     handle = engine.submit(prompt_ids, SamplingParams(max_tokens=32))
     for event in handle: ...            # or `async for event in handle` (submit from a loop)
     handle.cancel()
 
 The loop runs on its own thread: it asks the scheduler for steps while fewer than
-`depth` are in flight (N in pipelined mode, 1 in lockstep), runs the head's own
-layers, sends each step round the ring, and when one comes back samples and
-streams the new tokens. Other threads talk to it through a command queue.
+`depth` are in flight (one per stage in pipelined mode, 1 in lockstep), runs the
+head's own layers, sends each step round the ring, and when one comes back
+samples and streams the new tokens. Other threads talk to it through a command
+queue. Without a channel the head's shard is the whole model (a single node).
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
+from mlxring.cluster.config import EngineConfig
 from mlxring.engine.request import SamplingParams, Sequence, sample
 from mlxring.engine.scheduler import Scheduler, Step
 from mlxring.engine.stage import StageState
-from mlxring.transport import ProtocolError
-
-MODES = ("pipelined", "lockstep")
-STEP_TIMEOUT = 60.0  # seconds without any step back before the ring is declared down
+from mlxring.ring.transport import Channel, ProtocolError
+from mlxring.shards.base import Shard
 
 
 @dataclass
@@ -90,30 +90,47 @@ class Detok:
             if at >= 0:
                 out, self.sent = text[self.sent : at], at
                 return out, True
-        hold = 0 if final else max((k for s in self.stop for k in range(1, len(s))
-                                    if text.endswith(s[:k])), default=0)  # fmt: skip
+        hold = (
+            0
+            if final
+            else max(
+                (k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+            )
+        )
         safe = len(text) - hold
         out, self.sent = text[self.sent : safe], max(self.sent, safe)
         return out, False
 
 
 class Engine:
-    def __init__(self, shard, channel, tokenizer, num_stages: int = 1, mode: str = "pipelined",
-                 max_batch: int = 16, prefill_chunk: int = 512,
-                 step_timeout: float = STEP_TIMEOUT):  # fmt: skip
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
+    """The head's loop over the ring: `submit` requests from any thread, `close` to stop.
+
+    `channel` leads to the other stages (a `Channel` over the ring, or `LocalStages`
+    in this process); None when the head's shard holds every layer.
+    """
+
+    def __init__(
+        self,
+        shard: Shard,
+        channel: Channel | None,
+        tokenizer,
+        config: EngineConfig | None = None,
+    ):
         self.shard, self.channel, self.tokenizer = shard, channel, tokenizer
+        self.config = config = config or EngineConfig()
         self.state = StageState(shard)
-        self.depth = num_stages if mode == "pipelined" else 1
-        self.scheduler = Scheduler(max_batch, prefill_chunk, num_groups=self.depth)
+        stages = channel.num_stages if channel is not None else 1
+        self.depth = stages if config.mode == "pipelined" else 1
+        self.scheduler = Scheduler(
+            config.max_batch, config.prefill_chunk, self.depth, config.prefill_batch
+        )
         self.commands: queue.Queue = queue.Queue()
         self.handles: dict[int, Handle] = {}
         self.detoks: dict[int, Detok] = {}
         self.error: BaseException | None = None
         self.in_flight: deque = deque()
         self.steps_done = 0
-        self.step_timeout = step_timeout
+        self.step_timeout = config.step_timeout
         self.last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.thread.start()
@@ -128,8 +145,12 @@ class Engine:
             time.sleep(min(1.0, self.step_timeout / 4))
             stalled = time.monotonic() - self.last_progress
             if self.in_flight and stalled > self.step_timeout:
-                self._fail(TimeoutError(f"no answer from the ring for {stalled:.0f} s "
-                                        "(a rank is frozen or unreachable)"))  # fmt: skip
+                self._fail(
+                    TimeoutError(
+                        f"no answer from the ring for {stalled:.0f} s "
+                        "(a rank is frozen or unreachable)"
+                    )
+                )
 
     def _fail(self, error: BaseException) -> None:
         self.error = error
@@ -137,12 +158,18 @@ class Engine:
             handle.push(Event(None, "", "error"))
 
     # API (any thread) -------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams | None = None,
-               loop: asyncio.AbstractEventLoop | None = None) -> Handle:  # fmt: skip
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Handle:
         """Queue a request; with `loop`, its events are for `async for` on that loop."""
         if self.error is not None:
             raise RuntimeError(f"the ring is down: {self.error}")
         params = params or SamplingParams()
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=self.config.max_tokens)
         stop_ids = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
         seq = Sequence(list(prompt), params, stop_ids)
         handle = Handle(self, seq, loop)
@@ -199,7 +226,7 @@ class Engine:
             if self.channel is not None:
                 self.channel.send({"op": "stop"})
                 self.channel.recv()
-                self.channel.transport.flush()
+                self.channel.flush()
         except BaseException as e:  # the ring is down: fail every request, loudly
             self._fail(e)
             raise
@@ -219,18 +246,21 @@ class Engine:
             self._finish_step(step, x)
             self.state.record(time.perf_counter() - started)
             return
-        self.channel.send(header, x, layers=(self.shard.start, self.shard.end))
+        layers = (self.shard.start, self.shard.end)
+        self.channel.send(header.to_wire(), x, micro_batch=header.micro_batch, layers=layers)
         self.state.record(time.perf_counter() - started)
         self.in_flight.append(step)
 
-    def _land(self, pending) -> None:
-        header, x = self.channel.recv()
+    def _land(self, pending: Step | Future) -> None:
+        meta, x = self.channel.recv()
         self.last_progress = time.monotonic()
         if isinstance(pending, Future):
-            if header.get("op") != "stats":
-                raise ProtocolError(f"expected stats back, got {header.get('op')}")
-            pending.set_result([self.state.stats(), *header["stages"]])
+            if meta.get("op") != "stats":
+                raise ProtocolError(f"expected stats back, got {meta.get('op')}")
+            pending.set_result([self.state.stats(), *meta["stages"]])
             return
+        if meta.get("op") != "step" or self.channel.received_micro_batch != pending.micro_batch:
+            raise ProtocolError(f"expected step {pending.micro_batch} back, got {meta}")
         self._finish_step(pending, x or None)
 
     def _finish_step(self, step: Step, x) -> None:

@@ -6,13 +6,14 @@ import itertools
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 _ids = itertools.count(1)
 
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 64
+    max_tokens: int | None = None  # None: the engine's default (EngineConfig.max_tokens)
     temperature: float = 0.0  # 0 is greedy
     top_p: float = 1.0
     top_k: int = 0
@@ -21,7 +22,7 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
     def __post_init__(self):
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("temperature >= 0, 0 < top_p <= 1 and top_k >= 0 are required")
@@ -71,7 +72,6 @@ class Sequence:
 
 def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
     """One token per row of `logits` [B, vocab], with each sequence's own parameters."""
-    from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     greedy = mx.argmax(logprobs, axis=-1)

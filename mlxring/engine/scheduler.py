@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from mlxring.engine.header import PREFILL_MICRO_BATCH, StepHeader
 from mlxring.engine.request import Sequence
 
 
@@ -34,22 +35,24 @@ class Step:
     evict: list[int] = field(default_factory=list)
     drop: list[int] = field(default_factory=list)
 
-    def header(self) -> dict:
+    @property
+    def micro_batch(self) -> int:
+        """The id the step travels under: its decode group, or the prefill id."""
+        return self.group if self.kind == "decode" else PREFILL_MICRO_BATCH
+
+    def header(self) -> StepHeader:
         """What every stage needs to apply this step to its own caches."""
+        ids, drop = tuple(s.id for s in self.seqs), tuple(self.drop)
         if self.kind == "prefill":
-            seqs = [s.id for s in self.seqs]
-            return {"op": "step", "kind": "prefill", "seqs": seqs, "new": self.new,
-                    "drop": self.drop}  # fmt: skip
-        members = {"group": self.group, "admit": self.admit, "evict": self.evict}
-        seqs = [s.id for s in self.seqs]
-        return {"op": "step", "kind": "decode", **members, "seqs": seqs, "drop": self.drop}
+            return StepHeader("prefill", ids, new=tuple(self.new), drop=drop)
+        admit, evict = tuple(self.admit), tuple(self.evict)
+        return StepHeader("decode", ids, self.micro_batch, admit=admit, evict=evict, drop=drop)
 
 
 class Scheduler:
     """FIFO admission up to `max_batch` live sequences; chunked prefill between decode steps."""
 
-    def __init__(self, max_batch: int, prefill_chunk: int, num_groups: int,
-                 prefill_batch: int = 1):  # fmt: skip
+    def __init__(self, max_batch: int, prefill_chunk: int, num_groups: int, prefill_batch: int = 1):
         self.max_batch, self.prefill_chunk, self.num_groups = max_batch, prefill_chunk, num_groups
         # sequences prefilled together at most: batching prompts at the same point sped up the
         # torch CPU ring but slowed the MLX CPU ring (bench/RESULTS.md), so it is off by default
@@ -140,11 +143,17 @@ class Scheduler:
 
     def _prefill_step(self, first: Sequence) -> Step:
         start, length = self._chunk(first)
-        alike = [s for s in self.prefilling  # at the same point: one batch, no padding
-                 if s.id not in self.busy_seqs and self._chunk(s) == (start, length)]  # fmt: skip
+        alike = [
+            s
+            for s in self.prefilling  # at the same point: one batch, no padding
+            if s.id not in self.busy_seqs and self._chunk(s) == (start, length)
+        ]
         # split among the steps that can be in flight at once, so that stages overlap
-        size = min(-(-len(alike) // self.num_groups), max(1, self.prefill_chunk // length),
-                   self.prefill_batch)  # fmt: skip
+        size = min(
+            -(-len(alike) // self.num_groups),
+            max(1, self.prefill_chunk // length),
+            self.prefill_batch,
+        )
         batch = [first, *[s for s in alike if s is not first][: size - 1]]
         self.busy_seqs.update(s.id for s in batch)
         inputs = [s.prompt[start : start + length] for s in batch]

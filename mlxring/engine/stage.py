@@ -1,19 +1,30 @@
-"""A stage's caches for every live sequence, driven by the step headers.
+"""A stage of the ring: its caches for every live sequence, driven by the step headers.
 
 Each stage (the head included) keeps, for its own layers only: single-sequence
 caches for sequences in prefill, and one batched cache per decode group, built
-with mlx-lm's batch caches (`merge`, `extend`, `filter`). A header is applied
-in the same order on every stage, so all stages agree on every group's members.
+with the batch caches' `merge`, `extend`, `filter` (mlx-lm's, or the torch
+shards' own). A header is applied in the same order on every stage, so all
+stages agree on every group's members.
+
+`serve_stage` is the loop of every rank but the head: receive a step, run this
+stage's layers, pass the result right. The ring closes on the head (see
+`mlxring.engine.engine`), which applies the final norm and lm_head.
 """
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 
-from mlxring.transport import ProtocolError
+from mlxring.engine.header import StepHeader
+from mlxring.ring.transport import Channel, ProtocolError
+from mlxring.shards.base import Shard
 
 
 class Group:
+    """One decode micro-batch on this stage: its members and their batched caches."""
+
     def __init__(self):
         self.seqs: list[int] = []
         self.caches: list | None = None  # one batch cache per local layer
@@ -27,7 +38,7 @@ class Group:
                 mine.extend(theirs)
         self.seqs.append(seq)
 
-    def evict(self, seqs: list[int]) -> None:
+    def evict(self, seqs: tuple[int, ...]) -> None:
         keep = [i for i, s in enumerate(self.seqs) if s not in seqs]
         if len(keep) == len(self.seqs):
             return
@@ -42,7 +53,7 @@ class Group:
 class StageState:
     """Applies step headers to one shard's layers and caches."""
 
-    def __init__(self, shard):
+    def __init__(self, shard: Shard):
         self.shard = shard
         self.singles: dict[int, list] = {}  # prefilling sequences' caches
         self.groups: dict[int, Group] = {}
@@ -53,32 +64,30 @@ class StageState:
             seconds if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * seconds
         )
 
-    def _drop(self, seqs: list[int]) -> None:
-        for seq in seqs:
-            self.singles.pop(seq, None)
-
-    def apply(self, header: dict, x: dict[str, mx.array] | None) -> dict[str, mx.array] | None:
+    def apply(self, header: StepHeader, x: dict | None) -> dict | None:
         """Run this stage's layers for one step; None when the step computes nothing."""
-        self._drop(header.get("drop", ()))
+        for seq in header.drop:
+            self.singles.pop(seq, None)
         if x:
             x = self.shard.arrive(x)
-        if header["kind"] == "prefill":
-            return self._prefill(header["seqs"], header["new"], x)
-        group = self.groups.setdefault(header["group"], Group())
-        if header["evict"]:
-            group.evict(header["evict"])
-        for seq in header["admit"]:
+        if header.kind == "prefill":
+            return self._prefill(header.seqs, header.new, x)
+        group = self.groups.setdefault(header.micro_batch, Group())
+        if header.evict:
+            group.evict(header.evict)
+        for seq in header.admit:
             singles = self.singles.pop(seq, None)
             group.admit(seq, singles if singles is not None else self.shard.make_cache())
-        if group.seqs != header["seqs"]:
+        if tuple(group.seqs) != header.seqs:
             raise ProtocolError(
-                f"group {header['group']} holds {group.seqs} but the step is for {header['seqs']}"
+                f"group {header.micro_batch} holds {group.seqs} but the step is for "
+                f"{list(header.seqs)}"
             )
         if not group.seqs:
             return None
         return self.shard(x, group.caches)
 
-    def _prefill(self, seqs: list[int], new: list[int], x: dict) -> dict:
+    def _prefill(self, seqs: tuple[int, ...], new: tuple[int, ...], x: dict) -> dict:
         """One chunk of each of `seqs` (equal lengths, equal positions): one batch."""
         for seq in new:
             self.singles[seq] = self.shard.make_cache()
@@ -98,5 +107,38 @@ class StageState:
         nbytes = sum(c.nbytes for caches in self.singles.values() for c in caches)
         nbytes += sum(c.nbytes for g in self.groups.values() if g.caches for c in g.caches)
         live = sorted([*self.singles, *(s for g in self.groups.values() for s in g.seqs)])
-        return {"layers": [self.shard.start, self.shard.end], "sequences": live,
-                "cache_bytes": nbytes, "step_ms": round(self.step_seconds * 1000, 3)}  # fmt: skip
+        return {
+            "layers": [self.shard.start, self.shard.end],
+            "sequences": live,
+            "cache_bytes": nbytes,
+            "step_ms": round(self.step_seconds * 1000, 3),
+        }
+
+
+def serve_stage(shard: Shard, channel: Channel) -> None:
+    """Serve steps until the head stops the ring: every rank but the head runs this."""
+    state = StageState(shard)
+    layers = (shard.start, shard.end)
+    while True:
+        meta, x = channel.recv()
+        op = meta.get("op")
+        if op == "step":
+            header = StepHeader.from_wire(meta)
+            if header.micro_batch != channel.received_micro_batch:
+                raise ProtocolError(
+                    f"a step of micro-batch {header.micro_batch} came as micro-batch "
+                    f"{channel.received_micro_batch}"
+                )
+            started = time.perf_counter()
+            out = state.apply(header, x or None)
+            channel.send(meta, out, micro_batch=header.micro_batch, layers=layers)
+            state.record(time.perf_counter() - started)  # send evaluates the step
+        elif op == "stats":
+            meta["stages"].append(state.stats())
+            channel.send(meta, layers=layers)
+        elif op == "stop":
+            channel.send(meta)
+            channel.flush()
+            return
+        else:
+            raise ProtocolError(f"unknown ring message {meta}")

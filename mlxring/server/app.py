@@ -18,27 +18,38 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mlxring.engine.engine import Engine
 from mlxring.engine.request import SamplingParams
 from mlxring.server.metrics import Metrics
 from mlxring.server.schemas import ChatRequest, CompletionRequest
 
-DEFAULT_MAX_TOKENS = 256
-
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None,
-                 param: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = (
-            status, message, kind, code, param)  # fmt: skip
+            status,
+            message,
+            kind,
+            code,
+            param,
+        )
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None):
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def create_app(engine, tokenizer, model_name: str, context_length: int,
-               api_keys: tuple[str, ...] = ()) -> FastAPI:  # fmt: skip
+def create_app(
+    engine: Engine, tokenizer, model_name: str, context_length: int, api_keys: tuple[str, ...] = ()
+) -> FastAPI:
     """The app for one model served by `engine` (whose tokenizer renders prompts)."""
     app = FastAPI(title="mlxring", description="OpenAI-compatible API of an mlxring cluster.")
     metrics = Metrics()
@@ -68,23 +79,32 @@ def create_app(engine, tokenizer, model_name: str, context_length: int,
 
     def check_model(name: str) -> None:
         if name != model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
-                           f"{model_name!r}", "invalid_request_error", "model_not_found",
-                           "model")  # fmt: skip
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server serves {model_name!r}",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
 
     def submit(prompt: list[int], body, max_tokens: int | None):
         if len(prompt) + (max_tokens or 0) > context_length or len(prompt) >= context_length:
-            message = (f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens or 0}) "
-                       f"exceeds the context length ({context_length})")  # fmt: skip
-            raise ApiError(400, message, "invalid_request_error", "context_length_exceeded",
-                           "messages")  # fmt: skip
+            message = (
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens or 0}) "
+                f"exceeds the context length ({context_length})"
+            )
+            raise ApiError(
+                400, message, "invalid_request_error", "context_length_exceeded", "messages"
+            )
         if engine.error is not None:
-            raise ApiError(503, f"the ring is down: {engine.error}", "server_error",
-                           "ring_down")  # fmt: skip
+            raise ApiError(503, f"the ring is down: {engine.error}", "server_error", "ring_down")
         params = SamplingParams(
-            max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, context_length - len(prompt)),
-            temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stops,
-        )  # fmt: skip
+            max_tokens=max_tokens or min(engine.config.max_tokens, context_length - len(prompt)),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stops,
+        )
         metrics.prompt_tokens.inc(len(prompt))
         return engine.submit(prompt, params, loop=asyncio.get_running_loop())
 
@@ -96,12 +116,14 @@ def create_app(engine, tokenizer, model_name: str, context_length: int,
         try:
             async for event in handle:
                 if event.finish_reason == "error":
-                    raise ApiError(503, f"the ring is down: {engine.error}", "server_error",
-                                   "ring_down")  # fmt: skip
+                    raise ApiError(
+                        503, f"the ring is down: {engine.error}", "server_error", "ring_down"
+                    )
                 if event.token is not None:
                     now = time.perf_counter()
                     (metrics.ttft if first else metrics.token_latency).observe(
-                        now - (started if first else last))  # fmt: skip
+                        now - (started if first else last)
+                    )
                     first, last = False, now
                     metrics.generated_tokens.inc()
                 yield event
@@ -118,8 +140,11 @@ def create_app(engine, tokenizer, model_name: str, context_length: int,
             await asyncio.sleep(0.25)
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     async def respond(request: Request, body, prompt: list[int], max_tokens, chat: bool):
         check_model(body.model)
@@ -133,8 +158,7 @@ def create_app(engine, tokenizer, model_name: str, context_length: int,
             if not chat:
                 return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
             content = {"role": "assistant", "content": text}
-            return {"index": 0, "finish_reason": reason,
-                    ("delta" if delta else "message"): content}  # fmt: skip
+            return {"index": 0, "finish_reason": reason, ("delta" if delta else "message"): content}
 
         def finish(reason: str) -> str:
             return {"cancelled": "stop", "error": "stop"}.get(reason, reason)
@@ -146,9 +170,14 @@ def create_app(engine, tokenizer, model_name: str, context_length: int,
                 count += event.token is not None
                 reason = event.finish_reason or reason
             metrics.requests.labels(endpoint, "200").inc()
-            return {"id": rid, "object": kind, "created": created, "model": model_name,
-                    "choices": [choice("".join(texts), finish(reason), False)],
-                    "usage": usage(len(prompt), count)}  # fmt: skip
+            return {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": model_name,
+                "choices": [choice("".join(texts), finish(reason), False)],
+                "usage": usage(len(prompt), count),
+            }
 
         async def stream():
             count = 0
@@ -187,8 +216,10 @@ def create_app(engine, tokenizer, model_name: str, context_length: int,
 
     @app.get("/v1/models", summary="The model this cluster serves")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                            "created": 0, "owned_by": "mlxring"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mlxring"}],
+        }
 
     async def ring_stats() -> list[dict]:
         if engine.error is not None:
@@ -196,15 +227,20 @@ def create_app(engine, tokenizer, model_name: str, context_length: int,
         try:
             return await asyncio.get_running_loop().run_in_executor(None, engine.stats, 10)
         except Exception as e:
-            raise ApiError(503, f"the ring does not answer: {e}", "server_error",
-                           "ring_down") from e  # fmt: skip
+            raise ApiError(
+                503, f"the ring does not answer: {e}", "server_error", "ring_down"
+            ) from e
 
     @app.get("/health", summary="Each rank's state")
     async def health():
         stages = await ring_stats()
         ranks = [{"rank": i, **s, "state": "ok"} for i, s in enumerate(stages)]
-        return {"status": "ok", "model": model_name, "ranks": ranks,
-                "queue_depth": len(engine.scheduler.waiting)}  # fmt: skip
+        return {
+            "status": "ok",
+            "model": model_name,
+            "ranks": ranks,
+            "queue_depth": len(engine.scheduler.waiting),
+        }
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from mlxring.shards.kv_sharing import kv_sharing_pairs  # noqa: F401  (public here)
-from mlxring.weights import CheckpointError, read_config
+from mlxring.model.facts import CheckpointError, ModelFacts, kv_sharing_pairs
+from mlxring.shards.base import Shard
+
+__all__ = ["Shard", "kv_sharing_pairs", "load_shard", "shard_class"]
 
 # model_type -> "module:Class"
 MLX_SHARDS = {
@@ -51,20 +53,21 @@ def shard_class(model_type: str, backend: str = "mlx") -> type:
         ) from None
 
 
-def load_shard(model_dir: str | Path, start: int, end: int, is_head: bool,
-               backend: str = "mlx", device: str | None = None,
-               dtype: str | None = None):  # fmt: skip
+def load_shard(
+    model_dir: str | Path,
+    start: int,
+    end: int,
+    is_head: bool,
+    backend: str = "mlx",
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Shard:
     """Load layers [start, end) of the model in `model_dir` (the head also embeds/projects).
 
     `backend` "torch" runs them with torch on `device` (cpu | cuda) in `dtype`
     (float32 | float16 | bfloat16 | auto: the checkpoint's).
     """
-    cls = shard_class(read_config(model_dir)["model_type"], backend)
+    cls = shard_class(ModelFacts.read(model_dir).model_type, backend)
     if backend == "torch":
         return cls.load(model_dir, start, end, is_head, device=device, dtype=dtype)
     return cls.load(model_dir, start, end, is_head)
-
-
-def num_layers(model_dir: str | Path) -> int:
-    config = read_config(model_dir)
-    return int(config.get("text_config", config)["num_hidden_layers"])

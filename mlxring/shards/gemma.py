@@ -13,12 +13,18 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.gemma4_text import logit_softcap
 
+from mlxring.model.facts import check_kv_pairs, kv_sharing_pairs
+from mlxring.model.weights import is_other_tower
 from mlxring.shards.mlx_shard import Absent, MlxShard
-from mlxring.weights import CheckpointError
 
-# tensors of the vision / audio towers of multimodal checkpoints: never loaded
-OTHER_TOWERS = ("vision_tower", "multi_modal_projector", "audio_tower", "embed_audio",
-                "embed_vision", "vision_embedder")  # fmt: skip
+# modules of the text model that only the head holds
+HEAD_MODULES = (
+    "embed_tokens",
+    "norm",
+    "embed_tokens_per_layer",
+    "per_layer_model_projection",
+    "per_layer_projection_norm",
+)
 
 
 class GemmaShard(MlxShard):
@@ -31,23 +37,27 @@ class GemmaShard(MlxShard):
 
     @property
     def text_args(self):
+        """The text model's mlx-lm args."""
         return self.lm.args
 
+    @property
+    def window(self) -> int:
+        return self.text_args.sliding_window
+
     def keeps(self, name: str) -> bool:
-        return not any(tower in name for tower in OTHER_TOWERS) and super().keeps(name)
+        return not is_other_tower(name) and super().keeps(name)
 
     def drop_head_modules(self) -> None:
         inner = self.lm.model
-        for name in ("embed_tokens", "norm", "embed_tokens_per_layer",
-                     "per_layer_model_projection", "per_layer_projection_norm"):  # fmt: skip
+        for name in HEAD_MODULES:
             if getattr(inner, name, None) is not None:
                 setattr(inner, name, Absent())
         if "lm_head" in self.lm:
             self.lm.lm_head = Absent()
 
-    def project(self, h: mx.array) -> mx.array:
+    def logits(self, x: dict[str, mx.array]) -> mx.array:
         """Final norm, then the tied embedding or lm_head."""
-        h = self.lm.model.norm(h)
+        h = self.lm.model.norm(x["h"])
         if "lm_head" in self.lm:
             return self.lm.lm_head(h)
         return self.lm.model.embed_tokens.as_linear(h)
@@ -68,26 +78,6 @@ class Gemma3Shard(GemmaShard):
         h = h * mx.array(self.text_args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
         return {"h": h}
 
-    def __call__(self, x: dict[str, mx.array], cache: list) -> dict[str, mx.array]:
-        h = x["h"]
-        window = self.text_args.sliding_window
-        masks = {}
-        for sliding, c in zip(self.sliding, cache):
-            if sliding not in masks:
-                masks[sliding] = create_attention_mask(
-                    h, c, window_size=window if sliding else None
-                )
-        for layer, sliding, c in zip(self.layers, self.sliding, cache):
-            h = layer(h, masks[sliding], c)
-        return {"h": h}
-
-    def logits(self, x: dict[str, mx.array]) -> mx.array:
-        return self.project(x["h"])
-
-    def make_cache(self) -> list:
-        window = self.text_args.sliding_window
-        return [RotatingKVCache(max_size=window) if s else KVCache() for s in self.sliding]
-
 
 class Gemma4Shard(GemmaShard):
     """Gemma 4: per-layer inputs travel with the hidden states; K/V sharing stays local.
@@ -102,18 +92,7 @@ class Gemma4Shard(GemmaShard):
     def __init__(self, model: nn.Module, config: dict, start: int, end: int, is_head: bool):
         super().__init__(model, config, start, end, is_head)
         if 0 <= start < end <= self.num_layers:  # `load` reports a range out of bounds
-            self.check_kv_pairs()
-
-    def check_kv_pairs(self) -> None:
-        """Refuse a range that holds a layer reusing K/V without its source, or the reverse."""
-        inside = range(self.start, self.end)
-        for sharer, source in enumerate(self.lm.model.previous_kvs):
-            if source != sharer and (source in inside) != (sharer in inside):
-                raise CheckpointError(
-                    f"layers {self.start}-{self.end - 1} split a K/V-sharing pair: layer "
-                    f"{sharer} reuses layer {source}'s keys and values, so both must be on "
-                    "one node; move the range boundary so that they are"
-                )
+            check_kv_pairs(start, end, kv_sharing_pairs(config))
 
     @property
     def types(self) -> list[str]:
@@ -139,14 +118,15 @@ class Gemma4Shard(GemmaShard):
         masks = {}
         for kind, c in zip(self.types, own):
             if c is not None and kind not in masks:
-                window = self.text_args.sliding_window if kind == "sliding_attention" else None
+                window = self.window if kind == "sliding_attention" else None
                 masks[kind] = create_attention_mask(h, c, window_size=window)
         kv = {}  # absolute layer -> ((keys, values), offset), for the layers that share them
         for (i, src), layer, kind, c in zip(self.owners(), self.layers, self.types, own):
             keys_values, offset = kv.get(src, (None, None))
             extra = per_layer[:, :, i - first, :] if per_layer is not None else None
-            h, keys_values, offset = layer(h, masks[kind], c, per_layer_input=extra,
-                                           shared_kv=keys_values, offset=offset)  # fmt: skip
+            h, keys_values, offset = layer(
+                h, masks[kind], c, per_layer_input=extra, shared_kv=keys_values, offset=offset
+            )
             if src == i:
                 kv[i] = (keys_values, offset)
         out = {"h": h}
@@ -160,15 +140,17 @@ class Gemma4Shard(GemmaShard):
         return list(zip(range(self.start, self.end), sources))
 
     def logits(self, x: dict[str, mx.array]) -> mx.array:
-        out = self.project(x["h"])
+        out = super().logits(x)
         if (cap := self.lm.final_logit_softcapping) is not None:
             out = logit_softcap(cap, out)
         return out
 
     def make_cache(self) -> list:
-        window = self.text_args.sliding_window
+        """One cache per local layer that stores K/V (not those reusing another's)."""
         return [
-            RotatingKVCache(max_size=window, keep=0) if kind == "sliding_attention" else KVCache()
+            RotatingKVCache(max_size=self.window, keep=0)
+            if kind == "sliding_attention"
+            else KVCache()
             for (i, src), kind in zip(self.owners(), self.types)
             if src == i
         ]

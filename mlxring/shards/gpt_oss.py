@@ -15,8 +15,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.rope_utils import initialize_rope
 
+from mlxring.model.facts import CheckpointError
 from mlxring.shards.llama import LlamaShard
-from mlxring.weights import CheckpointError
 
 GATE_UP, DOWN = "experts.gate_up_proj", "experts.down_proj"
 
@@ -34,6 +34,7 @@ class GptOssShard(LlamaShard):
 
     @property
     def sliding(self) -> list[bool]:
+        """Per local layer: sliding-window attention (mlx-lm fills in the default types)."""
         types = self.model.model.layer_types[self.start : self.end]
         return [t == "sliding_attention" for t in types]
 

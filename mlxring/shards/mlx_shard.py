@@ -4,7 +4,8 @@ A shard builds mlx-lm's own model class (parameters stay lazy, nothing is
 allocated), drops every layer outside its range and, off the head, the
 embedding, final norm and lm_head; then it loads only its own tensors through
 mlx-lm's `sanitize` and quantization, and evaluates them. Families subclass it
-and supply the forward of their range.
+and supply what differs: embedding, head, and which layers attend within a
+sliding window. It implements `mlxring.shards.base.Shard`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
-from mlxring.weights import CheckpointError, layer_index, load_subset
+from mlxring.model.facts import CheckpointError
+from mlxring.model.weights import layer_index, load_subset
 
 
 class Absent(nn.Module):
@@ -42,34 +46,61 @@ class MlxShard:
         """What travels the ring for `tokens` [B, T]: at least the hidden states "h"."""
         raise NotImplementedError
 
-    def __call__(self, x: dict[str, mx.array], cache: list) -> dict[str, mx.array]:
-        """Run this shard's layers on `x` (updating `cache`); the same keys come out."""
-        raise NotImplementedError
-
     def logits(self, x: dict[str, mx.array]) -> mx.array:
         """Final norm and lm_head (head only) on the last stage's output."""
         raise NotImplementedError
 
-    def make_cache(self) -> list:
+    @property
+    def sliding(self) -> list[bool]:
+        """Per local layer: whether it attends within a sliding window of `window` tokens."""
         raise NotImplementedError
+
+    @property
+    def window(self) -> int | None:
+        """The sliding window's size, in tokens."""
+        return self.args.sliding_window
+
+    # the shard contract -----------------------------------------------------
+    def __call__(self, x: dict[str, mx.array], cache: list) -> dict[str, mx.array]:
+        """Run this shard's layers on `x` (updating `cache`); the same keys come out."""
+        h = x["h"]
+        sliding = self.sliding
+        masks = {}  # one per attention kind, built with the first cache of that kind
+        for s, c in zip(sliding, cache):
+            if s not in masks:
+                masks[s] = create_attention_mask(h, c, window_size=self.window if s else None)
+        for layer, s, c in zip(self.layers, sliding, cache):
+            h = layer(h, masks[s], cache=c)
+        return {"h": h}
+
+    def make_cache(self) -> list:
+        """One cache per local layer: rotating over the window for sliding layers."""
+        return [RotatingKVCache(max_size=self.window) if s else KVCache() for s in self.sliding]
 
     def arrive(self, x: dict[str, mx.array]) -> dict[str, mx.array]:
         """Tensors from the ring in this shard's dtype (a torch stage may compute in another)."""
-        return {k: v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating)
-                and v.dtype != self.dtype else v for k, v in x.items()}  # fmt: skip
+        out = dict(x)
+        for k, v in x.items():
+            if mx.issubdtype(v.dtype, mx.floating) and v.dtype != self.dtype:
+                out[k] = v.astype(self.dtype)
+        return out
 
     @property
     def dtype(self) -> mx.Dtype:
         """The dtype activations are computed in: that of the layers' norms."""
         if not hasattr(self, "_dtype"):
-            floats = [v.dtype for k, v in tree_flatten(self.model.parameters())
-                      if "norm" in k and mx.issubdtype(v.dtype, mx.floating)]  # fmt: skip
+            floats = [
+                v.dtype
+                for k, v in tree_flatten(self.model.parameters())
+                if "norm" in k and mx.issubdtype(v.dtype, mx.floating)
+            ]
             self._dtype = floats[0] if floats else mx.float32
         return self._dtype
 
     # loading --------------------------------------------------------------
     @property
     def num_layers(self) -> int:
+        """The whole model's layer count (not this shard's)."""
         return len(self.model.layers)
 
     def keeps(self, name: str) -> bool:
@@ -114,6 +145,7 @@ class MlxShard:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the weights this shard holds."""
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
 

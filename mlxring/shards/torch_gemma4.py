@@ -12,28 +12,24 @@ from __future__ import annotations
 import mlx.core as mx
 import torch
 
-from mlxring.shards.kv_sharing import kv_sharing_pairs
-from mlxring.shards.torch_cache import LayerCaches
+from mlxring.model.facts import check_kv_pairs, kv_sharing_pairs
 from mlxring.shards.torch_shard import TorchShard, to_mx, to_torch
-from mlxring.weights import CheckpointError
 
 
 class TorchGemma4Shard(TorchShard):
-    HEAD_MODULES = (*TorchShard.HEAD_MODULES, "model.embed_tokens_per_layer",
-                    "model.per_layer_model_projection",
-                    "model.per_layer_projection_norm")  # fmt: skip
+    """Gemma 4's text model: the head also holds the per-layer input embedding."""
+
+    HEAD_MODULES = (
+        *TorchShard.HEAD_MODULES,
+        "model.embed_tokens_per_layer",
+        "model.per_layer_model_projection",
+        "model.per_layer_projection_norm",
+    )
 
     def __init__(self, model, start: int, end: int, is_head: bool, device, dtype):
         super().__init__(model, start, end, is_head, device, dtype)
-        config = {"model_type": "gemma4_text", **self.config.to_dict()}
-        inside = range(start, end)
-        for source, sharer in kv_sharing_pairs(config):
-            if (source in inside) != (sharer in inside):
-                raise CheckpointError(
-                    f"layers {start}-{end - 1} split a K/V-sharing pair: layer {sharer} reuses "
-                    f"layer {source}'s keys and values, so both must be on one node; move the "
-                    "range boundary so that they are"
-                )
+        text = {**self.config.to_dict(), "model_type": "gemma4_text"}  # as in config.json
+        check_kv_pairs(start, end, kv_sharing_pairs(text))
 
     @torch.no_grad()
     def embed(self, tokens: mx.array) -> dict[str, torch.Tensor]:
@@ -52,15 +48,11 @@ class TorchGemma4Shard(TorchShard):
             raise ValueError(f"layers {self.start}-{self.end - 1} need the per-layer inputs")
         # per_layer holds the slices of the last per_layer.shape[2] layers
         first = self.num_layers - per_layer.shape[2] if per_layer is not None else 0
-        pos, ropes, masks = self.step_inputs(h, cache[0])  # a stage starts with a K/V owner
-        view = LayerCaches(dict(zip(self.layers, cache)))
+        inputs = self.layer_inputs(h, cache)  # a stage starts with a K/V owner: cache[0]
         shared: dict = {}  # layer type -> the K/V its storing layer computed this step
         for i, layer in self.layers.items():
-            kind = self.types[i]
             extra = per_layer[:, :, i - first, :] if per_layer is not None else None
-            h = layer(h, extra, shared_kv_states=shared, position_embeddings=ropes[kind],
-                      attention_mask=masks[kind], position_ids=pos,
-                      past_key_values=view)  # fmt: skip
+            h = layer(h, extra, shared_kv_states=shared, **inputs[self.types[i]])
         out = {"h": to_mx(h)}
         if per_layer is not None and self.end < self.num_layers:
             out["per_layer"] = to_mx(per_layer[:, :, self.end - first :, :])

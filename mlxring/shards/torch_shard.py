@@ -8,10 +8,11 @@ runs transformers' decoder-layer modules with its own KV caches
 (`mlxring.shards.torch_cache`), positions and masks, so batched steps work as
 on the MLX shards.
 
-The contract is the MLX shards' one: tensors from the ring arrive as mx arrays
-(in whatever dtype the previous stage computed in) and are converted to this
-node's device and dtype on arrival; `__call__` returns mx arrays for the wire.
-`embed` returns torch tensors, which only this shard consumes.
+The contract is the MLX shards' one (`mlxring.shards.base.Shard`): tensors from
+the ring arrive as mx arrays (in whatever dtype the previous stage computed in)
+and are converted to this node's device and dtype on arrival; `__call__`
+returns mx arrays for the wire. `embed` returns torch tensors, which only this
+shard consumes.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from mlxring.model.facts import CheckpointError, ModelFacts
+from mlxring.model.weights import is_other_tower, layer_index, weight_map
 from mlxring.shards.torch_cache import LayerCaches, TorchKVCache, attention_mask, positions
-from mlxring.weights import CheckpointError, layer_index, read_config, weight_map
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICES = ("cpu", "cuda")
-# tensors of the vision / audio towers of multimodal checkpoints: never loaded
-OTHER_TOWERS = ("vision_tower", "multi_modal_projector", "audio_tower", "embed_audio",
-                "embed_vision", "vision_embedder")  # fmt: skip
 # where multimodal checkpoints keep the text model
 _TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.)")
 _TEXT_HEAD = re.compile(r"^language_model\.lm_head\.")
@@ -61,17 +62,17 @@ def to_mx(t: torch.Tensor) -> mx.array:
     return mx.array(t.numpy())
 
 
-def resolve_dtype(name: str | None, config: dict) -> torch.dtype:
+def resolve_dtype(name: str | None, facts: ModelFacts) -> torch.dtype:
     """A node's dtype: its `dtype` setting, or ("auto") the checkpoint's own."""
     if name in (None, "auto"):
-        text = config.get("text_config", config)
-        name = text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or "float32"
+        name = facts.dtype
     if name not in DTYPES:
         raise CheckpointError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """A node's torch device: its `device` setting (cpu by default), if torch can use it."""
     name = name or "cpu"
     if name not in DEVICES:
         raise CheckpointError(f"torch device {name!r} is not supported; use cpu or cuda")
@@ -86,8 +87,15 @@ class TorchShard:
     # modules of the head only, as attribute paths from the causal LM
     HEAD_MODULES = ("model.embed_tokens", "model.norm", "lm_head")
 
-    def __init__(self, model: nn.Module, start: int, end: int, is_head: bool,
-                 device: torch.device, dtype: torch.dtype):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        start: int,
+        end: int,
+        is_head: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.model, self.config = model, model.config
         self.start, self.end, self.is_head = start, end, is_head
         self.device, self.dtype = device, dtype
@@ -100,23 +108,30 @@ class TorchShard:
 
     @property
     def num_layers(self) -> int:
+        """The whole model's layer count (not this shard's)."""
         return self.config.num_hidden_layers
 
     # loading --------------------------------------------------------------
     @classmethod
-    def load(cls, model_dir: str | Path, start: int, end: int, is_head: bool,
-             device: str | None = None, dtype: str | None = None) -> TorchShard:  # fmt: skip
+    def load(
+        cls,
+        model_dir: str | Path,
+        start: int,
+        end: int,
+        is_head: bool,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> TorchShard:
         """Build the shard for layers [start, end) and load its weights from `model_dir`."""
-        from transformers import AutoConfig, AutoModelForCausalLM
 
         model_dir = Path(model_dir)
-        raw = read_config(model_dir)
-        if raw.get("quantization") or raw.get("quantization_config"):
+        facts = ModelFacts.read(model_dir)
+        if facts.quantized:
             raise CheckpointError(
                 f"{model_dir}: quantized checkpoints run on the mlx backend only; "
                 "the torch backend needs the unquantized (transformers) checkpoint"
             )
-        torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype, raw)
+        torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype, facts)
         config = AutoConfig.from_pretrained(model_dir).get_text_config()
         num_layers = config.num_hidden_layers
         if not 0 <= start < end <= num_layers:
@@ -147,7 +162,7 @@ class TorchShard:
 
     def checkpoint_name(self, name: str) -> str | None:
         """The model's name for checkpoint tensor `name`, or None if it is not this shard's."""
-        if any(tower in name for tower in OTHER_TOWERS):
+        if is_other_tower(name):
             return None
         name = _TEXT_HEAD.sub("lm_head.", _TEXT_PREFIX.sub("model.", name))
         i = layer_index(name)
@@ -155,7 +170,7 @@ class TorchShard:
         return name if keep else None
 
     def load_weights(self, model_dir: Path) -> None:
-        from safetensors import safe_open
+        """Read this shard's tensors from `model_dir` into the model, checking names and shapes."""
 
         files: dict[str, list[tuple[str, str]]] = {}
         for name, file in weight_map(model_dir).items():
@@ -169,8 +184,11 @@ class TorchShard:
                     t = t.to(self.dtype) if t.is_floating_point() else t
                     state[mine] = t.to(self.device)
         ignored = getattr(self.inner, "_keys_to_ignore_on_load_unexpected", None) or []
-        state = {k: v for k, v in state.items()
-                 if not any(re.search(p, k.removeprefix("model.")) for p in ignored)}  # fmt: skip
+        state = {
+            k: v
+            for k, v in state.items()
+            if not any(re.search(p, k.removeprefix("model.")) for p in ignored)
+        }
         if self.is_head and self.config.tie_word_embeddings and "lm_head.weight" not in state:
             state["lm_head.weight"] = state.get("model.embed_tokens.weight")
         expected = dict(self.model.state_dict(keep_vars=True))
@@ -200,13 +218,16 @@ class TorchShard:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the weights this shard holds."""
         return sum(p.nbytes for p in self.model.parameters())
 
     # the shard contract -----------------------------------------------------
     def arrive(self, x: dict) -> dict[str, torch.Tensor]:
         """Tensors from the ring (mx arrays) on this node's device and dtype."""
-        return {k: v if isinstance(v, torch.Tensor) else to_torch(v, self.device, self.dtype)
-                for k, v in x.items()}  # fmt: skip
+        return {
+            k: v if isinstance(v, torch.Tensor) else to_torch(v, self.device, self.dtype)
+            for k, v in x.items()
+        }
 
     @torch.no_grad()
     def embed(self, tokens: mx.array) -> dict[str, torch.Tensor]:
@@ -214,31 +235,35 @@ class TorchShard:
         return {"h": self.inner.embed_tokens(ids).to(self.dtype)}
 
     def make_cache(self) -> list[TorchKVCache]:
+        """One cache per local layer."""
         return [TorchKVCache() for _ in self.layers]
 
-    def step_inputs(self, h: torch.Tensor, cache: TorchKVCache):
-        """Position ids, and per layer type its rotary embeddings and mask, for one step."""
+    def layer_inputs(self, h: torch.Tensor, cache: list[TorchKVCache]) -> dict[str, dict]:
+        """Per layer type, the keyword arguments its decoder layers take for this step.
+
+        Positions come from the first cache: every local layer has seen the same tokens.
+        """
         new = h.shape[1]
-        pos = positions(cache, new, self.device)
-        ropes, masks = {}, {}
+        pos = positions(cache[0], new, self.device)
+        view = LayerCaches(dict(zip(self.layers, cache)))
+        inputs = {}
         for kind in set(self.types.values()):
-            if self.rope_by_type:
-                ropes[kind] = self.inner.rotary_emb(h, pos, kind)
-            else:
-                ropes[kind] = self.inner.rotary_emb(h, pos)
+            by_type = (kind,) if self.rope_by_type else ()
             window = self.config.sliding_window if kind == "sliding_attention" else None
-            masks[kind] = attention_mask(cache, new, window, h.dtype, self.device)
-        return pos, ropes, masks
+            inputs[kind] = {
+                "position_embeddings": self.inner.rotary_emb(h, pos, *by_type),
+                "attention_mask": attention_mask(cache[0], new, window, h.dtype, self.device),
+                "position_ids": pos,
+                "past_key_values": view,
+            }
+        return inputs
 
     @torch.no_grad()
     def __call__(self, x: dict, cache: list[TorchKVCache]) -> dict[str, mx.array]:
         h = self.arrive(x)["h"]
-        pos, ropes, masks = self.step_inputs(h, cache[0])
-        view = LayerCaches(dict(zip(self.layers, cache)))
+        inputs = self.layer_inputs(h, cache)
         for i, layer in self.layers.items():
-            kind = self.types[i]
-            h = layer(h, attention_mask=masks[kind], position_ids=pos,
-                      past_key_values=view, position_embeddings=ropes[kind])  # fmt: skip
+            h = layer(h, **inputs[self.types[i]])
         return {"h": to_mx(h)}
 
     @torch.no_grad()

@@ -8,6 +8,11 @@ every sharing pair on one stage.
 
 from __future__ import annotations
 
+import json
+
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Gemma4ForCausalLM, Gemma4TextConfig
+
 from mlxring.tiny import INIT_STD, VOCAB_SIZE
 
 SLIDING_WINDOW = 4
@@ -33,8 +38,9 @@ def gemma4_layer_types(layers: int) -> list[str]:
     ]
 
 
-def build(family: str, layers: int, hidden: int, intermediate: int | None, heads: int,
-          layout: str | None):  # fmt: skip
+def build(
+    family: str, layers: int, hidden: int, intermediate: int | None, heads: int, layout: str | None
+):
     common = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden,
@@ -52,8 +58,6 @@ def build(family: str, layers: int, hidden: int, intermediate: int | None, heads
         pad_token_id=0,
     )
     if family == "gemma3":
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
         pattern = GEMMA3_PATTERN
         config = Gemma3TextConfig(
             **common,
@@ -66,8 +70,6 @@ def build(family: str, layers: int, hidden: int, intermediate: int | None, heads
         )
         model = Gemma3ForCausalLM(config)
     else:
-        from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
         config = Gemma4TextConfig(
             **common,
             global_head_dim=2 * hidden // heads,  # full layers have wider heads, as real ones
@@ -83,7 +85,6 @@ def build(family: str, layers: int, hidden: int, intermediate: int | None, heads
 
 
 def _reinit(model) -> None:
-    import torch
 
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -98,7 +99,6 @@ def finish(out, layout: str | None) -> None:
 
     transformers 5.23 keeps it only as `per_layer_config`, which mlx-lm does not read.
     """
-    import json
 
     path = out / "config.json"
     config = json.loads(path.read_text())

@@ -8,8 +8,17 @@ may have: "transformers" (as saved), "original" (the hub release: experts as
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
+
+import mlx.core as mx
+import torch
+from mlx.utils import tree_flatten
+from mlx_lm.models import gpt_oss
+from mlx_lm.utils import load_model, quantize_model, save_config
+from transformers import GptOssConfig, GptOssForCausalLM
 
 from mlxring.tiny import INIT_STD, VOCAB_SIZE
 
@@ -33,10 +42,9 @@ MXFP4_CONFIG = {
 }
 
 
-def build(family: str, layers: int, hidden: int, intermediate: int | None, heads: int,
-          layout: str | None):  # fmt: skip
-    import torch
-    from transformers import GptOssConfig, GptOssForCausalLM
+def build(
+    family: str, layers: int, hidden: int, intermediate: int | None, heads: int, layout: str | None
+):
 
     config = GptOssConfig(
         vocab_size=VOCAB_SIZE,
@@ -95,7 +103,6 @@ def finish(out: Path, layout: str | None) -> None:
 
 def to_original(out: Path, mxfp4: bool = False) -> None:
     """Experts to [E, out, in] (MXFP4 blocks/scales if `mxfp4`); config as the hub has it."""
-    import mlx.core as mx
 
     def convert(name: str, w: mx.array) -> dict[str, mx.array]:
         if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -119,7 +126,6 @@ def to_original(out: Path, mxfp4: bool = False) -> None:
 
 def rewrite(out: Path, convert) -> None:
     """Apply `convert(name, array) -> {name: array}` to every tensor, file by file."""
-    import mlx.core as mx
 
     index = json.loads((out / INDEX).read_text())
     weight_map = {}
@@ -135,12 +141,6 @@ def rewrite(out: Path, convert) -> None:
 
 def to_mlx_community(out: Path, quantization: dict | None) -> None:
     """Load the original-layout checkpoint with mlx-lm, quantize and save it as mlx-lm does."""
-    import contextlib
-    import io
-
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import quantize_model, save_config
 
     model, config = mlx_lm_model(out)
     if quantization:
@@ -171,8 +171,6 @@ def mlx_lm_model(path: Path):
     mlx-lm's `sanitize` reads unquantized original experts only when named
     `.weight`; this adds the suffix (nothing else) and lets mlx-lm do the rest.
     """
-    from mlx_lm.models import gpt_oss
-    from mlx_lm.utils import load_model
 
     class Model(gpt_oss.Model):
         def sanitize(self, weights):

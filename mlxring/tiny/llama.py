@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from mlxring.tiny import INIT_STD, VOCAB_SIZE
 
 
-def build(family: str, layers: int, hidden: int, intermediate: int | None, heads: int,
-          layout: str | None):  # fmt: skip
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build(
+    family: str, layers: int, hidden: int, intermediate: int | None, heads: int, layout: str | None
+):
 
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,

@@ -5,7 +5,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 
-from mlxring.transport import Channel, RingTransport
+from mlxring.ring.transport import Channel, RingTransport
 
 nbytes, rounds = int(sys.argv[1]), int(sys.argv[2])
 group = mx.distributed.init(backend="ring", strict=True)

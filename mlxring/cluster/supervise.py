@@ -18,8 +18,11 @@ import sys
 import threading
 import time
 
-from mlxring.launch import SSH, RankSpec
-from mlxring.node import CONTROL, EXIT_AUTH, EXIT_PEER_LOST
+from tqdm import tqdm
+
+from mlxring.cluster import protocol
+from mlxring.cluster.protocol import EXIT_AUTH, EXIT_PEER_LOST
+from mlxring.cluster.ranks import SSH, RankSpec
 
 STARTUP_TIMEOUT = 300.0  # loading a large model's shard takes a while
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
@@ -55,9 +58,14 @@ class Rank:
 class Supervisor:
     """Start `specs`, relay their output, and stop them all when one fails or the head ends."""
 
-    def __init__(self, specs: list[RankSpec], head_output_raw: bool = False,
-                 startup_timeout: float = STARTUP_TIMEOUT, progress: bool = False,
-                 head_output=None):  # fmt: skip
+    def __init__(
+        self,
+        specs: list[RankSpec],
+        head_output_raw: bool = False,
+        startup_timeout: float = STARTUP_TIMEOUT,
+        progress: bool = False,
+        head_output=None,
+    ):
         self.specs = specs
         self.head_output = head_output  # binary stream for the head's raw output (stdout)
         self.progress = progress  # draw the head's "progress" control lines as a bar
@@ -78,28 +86,28 @@ class Supervisor:
         prefix = f"{rank.name:>{self.width}} | "
         for raw in iter(stream.readline, b""):
             line = raw.decode(errors="replace").rstrip("\n")
-            if control and line.startswith(CONTROL):
-                word, _, rest = line[len(CONTROL) :].strip().partition(" ")
-                if word == "ready":
-                    rank.ready = True
-                elif word == "pid":
-                    rank.remote_pid = int(rest)
-                elif word == "error":
-                    rank.error = rest
-                elif word == "serving":
-                    url, _, model = rest.partition(" ")
-                    self.log(f"serving {model} at {url} (OpenAI API); Ctrl-C stops every rank")
-                elif word == "progress" and self.progress:
-                    self._show_progress(*map(int, rest.split()))
+            if control and (message := protocol.parse_control(line)):
+                self._on_control(rank, *message)
                 continue
             if line.strip():
                 rank.last_line = line.strip()
             with self.lock:
                 print(prefix + line, file=out, flush=True)
 
-    def _show_progress(self, done: int, total: int) -> None:
-        from tqdm import tqdm
+    def _on_control(self, rank: Rank, word: str, rest: str) -> None:
+        if word == protocol.READY:
+            rank.ready = True
+        elif word == protocol.PID:
+            rank.remote_pid = int(rest)
+        elif word == protocol.ERROR:
+            rank.error = rest
+        elif word == protocol.SERVING:
+            url, _, model = rest.partition(" ")
+            self.log(f"serving {model} at {url} (OpenAI API); Ctrl-C stops every rank")
+        elif word == protocol.PROGRESS and self.progress:
+            self._show_progress(*map(int, rest.split()))
 
+    def _show_progress(self, done: int, total: int) -> None:
         with self.lock:
             if self.bar is None:
                 self.bar = tqdm(total=total, unit="tok", desc="generating", leave=False)

@@ -24,7 +24,7 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-from mlxring.crypto import codec
+from mlxring.ring import codec
 
 SLOT_BYTES = 16384
 _HEADER = struct.Struct("<4sQiIIII")  # magic, seq, micro-batch, start, end, inline, overflow
@@ -109,17 +109,33 @@ class Channel:
         self.capacity = slot_bytes - _HEADER.size - self.sealer.overhead
         self.sent = 0
         self.received = 0
+        self.received_micro_batch = 0  # of the last message received (bound by the AEAD)
 
-    def send(self, meta: dict, tensors: dict[str, mx.array] | None = None,
-             micro_batch: int = 0, layers: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
+    @property
+    def num_stages(self) -> int:
+        """Ranks in the ring: every one is a stage."""
+        return self.transport.size
+
+    def flush(self) -> None:
+        """Wait until the right neighbour has received everything sent so far."""
+        self.transport.flush()
+
+    def send(
+        self,
+        meta: dict,
+        tensors: dict[str, mx.array] | None = None,
+        micro_batch: int = 0,
+        layers: tuple[int, int] = (0, 0),
+    ) -> None:
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         body = _META_LEN.pack(len(meta_bytes)) + meta_bytes
         if tensors:
             body += codec.encode_many(tensors)
         inline, rest = body[: self.capacity], body[self.capacity :]
         overflow = len(rest) + self.sealer.overhead if rest else 0
-        header = _HEADER.pack(MAGIC, self.sent, micro_batch, *layers,
-                              len(inline) + self.sealer.overhead, overflow)  # fmt: skip
+        header = _HEADER.pack(
+            MAGIC, self.sent, micro_batch, *layers, len(inline) + self.sealer.overhead, overflow
+        )
         slot = bytearray(self.slot_bytes)
         sealed = self.sealer.seal(inline, header)
         slot[: _HEADER.size] = header
@@ -132,7 +148,7 @@ class Channel:
     def recv(self) -> tuple[dict, dict[str, mx.array]]:
         slot = self.transport.recv(self.slot_bytes)
         header = bytes(slot[: _HEADER.size])
-        magic, seq, _, _, _, inline_len, overflow = _HEADER.unpack(header)
+        magic, seq, micro_batch, _, _, inline_len, overflow = _HEADER.unpack(header)
         if magic != MAGIC or inline_len > self.slot_bytes - _HEADER.size:
             raise ProtocolError(f"malformed message from rank {self.transport.left}")
         if seq != self.received:
@@ -144,6 +160,7 @@ class Channel:
         if overflow:
             body += self.sealer.open(bytes(self.transport.recv(overflow)), header + b"+")
         self.received += 1
+        self.received_micro_batch = micro_batch
         (meta_len,) = _META_LEN.unpack_from(body)
         meta = json.loads(body[_META_LEN.size : _META_LEN.size + meta_len])
         rest = memoryview(body)[_META_LEN.size + meta_len :]

@@ -6,8 +6,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from mlxring.config import ClusterConfig, NodeConfig
-from mlxring.plan import GIB, NodeBudget, Plan, PlanError, make_plan
+from mlxring.cluster.config import ClusterConfig, NodeConfig, is_local_host
+from mlxring.cluster.plan import GIB, NodeBudget, Plan, PlanError, make_plan
+from mlxring.model.weights import footprint
 
 
 def local_memory_bytes() -> int:
@@ -39,7 +40,6 @@ def cluster_plan(
     `memory_gb: auto` on a local node is this machine's memory; on a remote node
     it is `detect_remote(node)`, or an error when no detector is given.
     """
-    from mlxring.weights import footprint
 
     def detected(node: NodeConfig) -> int | None:
         if node.memory_gb != "auto":
@@ -54,8 +54,6 @@ def cluster_plan(
 
 def api_warning(cluster: ClusterConfig, env_keys: str | None) -> str | None:
     """A warning when the API would listen beyond loopback without API keys."""
-    from mlxring.config import is_local_host
-
     if is_local_host(cluster.api.host) or cluster.api.api_keys or env_keys:
         return None
     return (
@@ -75,14 +73,16 @@ def plan_table(cluster: ClusterConfig, plan: Plan, model: str | Path) -> str:
     """A table per node: name, host, usable memory, layers, weight size, share of memory."""
     rows = [("node", "host", "memory", "layers", "weights", "share")]
     for node, a in zip(cluster.nodes, plan.assignments):
-        rows.append((
-            a.name,
-            node.host,
-            f"{human_bytes(a.usable_bytes)} usable",
-            f"{a.start}-{a.end - 1} ({a.num_layers})",
-            human_bytes(a.weight_bytes),
-            f"{a.share:.1%}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                a.name,
+                node.host,
+                f"{human_bytes(a.usable_bytes)} usable",
+                f"{a.start}-{a.end - 1} ({a.num_layers})",
+                human_bytes(a.weight_bytes),
+                f"{a.share:.1%}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{cluster.name}: {plan.num_layers} layers of {model} over {len(rows) - 1} nodes"]
     for r in rows:

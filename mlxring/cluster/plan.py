@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import pairwise
+from typing import Literal
+
+from mlxring.errors import UserError
 
 GIB = 2**30
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A layer plan that cannot work; the message is one sentence for the user."""
 
 
@@ -186,61 +189,110 @@ def make_plan(footprint: ModelFootprint, nodes: Sequence[NodeBudget]) -> Plan:
     return Plan(num_layers=footprint.num_layers, assignments=assignments)
 
 
-def _explicit_ranges(num_layers: int, nodes: Sequence[NodeBudget]) -> list[tuple[int, int]] | None:
-    # Returns None when no node gives layers; checks the ranges when all of them do.
-    given = [n for n in nodes if n.layers is not None]
-    if not given:
+@dataclass(frozen=True)
+class RangeProblem:
+    """The first way explicit layer ranges fail to tile the model, found at ring position `index`.
+
+    kind: "mixed" (some nodes give a range, some do not), "empty", "beyond" (past the model's
+    last layer), "head" (the head does not start at layer 0); between nodes `index - 1` and
+    `index`: "order" (listed out of ring order), "overlap", "gap"; "short" (the last node
+    stops before the model's last layer).
+    """
+
+    kind: Literal["mixed", "empty", "beyond", "head", "order", "overlap", "gap", "short"]
+    index: int
+    # the half-open layers at issue: the node's range, the overlap, the gap; (0, 0) if mixed
+    layers: tuple[int, int] = (0, 0)
+
+
+def range_problem(
+    spans: Sequence[tuple[int, int] | None], num_layers: int | None = None
+) -> RangeProblem | None:
+    """Check each node's half-open layer range, in ring order, None where a node gives none.
+
+    Fine (None) when no node gives a range, or every node does and they tile the model;
+    `num_layers=None` skips the checks that need the model.
+    """
+    given = [span is not None for span in spans]
+    if not any(given):
         return None
-    if len(given) < len(nodes):
+    if not all(given):
+        return RangeProblem("mixed", given.index(not given[0]))
+    ranges = [span for span in spans if span is not None]
+    for i, (start, end) in enumerate(ranges):
+        if end <= start:
+            return RangeProblem("empty", i, (start, end))
+        if num_layers is not None and (start < 0 or end > num_layers):
+            return RangeProblem("beyond", i, (start, end))
+    if ranges[0][0] != 0:
+        return RangeProblem("head", 0, ranges[0])
+    for i, ((prev_start, prev_end), (start, end)) in enumerate(pairwise(ranges), 1):
+        if start < prev_end:
+            kind = "order" if start < prev_start else "overlap"
+            return RangeProblem(kind, i, (start, min(prev_end, end)))
+        if start > prev_end:
+            return RangeProblem("gap", i, (prev_end, start))
+    last_end = ranges[-1][1]
+    if num_layers is not None and last_end != num_layers:
+        return RangeProblem("short", len(ranges) - 1, (last_end, num_layers))
+    return None
+
+
+def _explicit_ranges(num_layers: int, nodes: Sequence[NodeBudget]) -> list[tuple[int, int]] | None:
+    # None when no node gives layers; the ranges when every node does and they tile the model.
+    spans = [n.layers for n in nodes]
+    if problem := range_problem(spans, num_layers):
+        raise PlanError(_range_message(problem, nodes, num_layers))
+    return None if spans[0] is None else spans
+
+
+def _range_message(problem: RangeProblem, nodes: Sequence[NodeBudget], num_layers: int) -> str:
+    if problem.kind == "mixed":
         missing = ", ".join(repr(n.name) for n in nodes if n.layers is None)
-        raise PlanError(
+        return (
             f"some nodes give explicit layers and some do not (missing on {missing}); "
             "give layers on every node or on none"
         )
+    node, prev = nodes[problem.index], nodes[problem.index - 1]
+    start, end = problem.layers
     model = f"the model has {num_layers} layers (0-{num_layers - 1})"
-    for n in nodes:
-        start, end = n.layers
-        if end <= start:
-            raise PlanError(
-                f"node {n.name!r} has the empty layer range [{start}, {end}); "
-                "every node needs at least one layer"
-            )
-        if start < 0 or end > num_layers:
-            raise PlanError(f"node {n.name!r} has layers {_incl(start, end)} but {model}")
-    first = nodes[0]
-    if first.layers[0] != 0:
-        raise PlanError(
-            f"the head node {first.name!r} has layers {_incl(*first.layers)} but the first "
+    if problem.kind == "empty":
+        return (
+            f"node {node.name!r} has the empty layer range [{start}, {end}); "
+            "every node needs at least one layer"
+        )
+    if problem.kind == "beyond":
+        return f"node {node.name!r} has layers {inclusive(start, end)} but {model}"
+    if problem.kind == "head":
+        return (
+            f"the head node {node.name!r} has layers {inclusive(start, end)} but the first "
             "node in the ring must start at layer 0"
         )
-    for prev, node in pairwise(nodes):
-        (ps, pe), (s, e) = prev.layers, node.layers
-        if s < ps:
-            raise PlanError(
-                f"node {node.name!r} (layers {_incl(s, e)}) comes after node {prev.name!r} "
-                f"(layers {_incl(ps, pe)}) in the ring; list layer ranges in ring order"
-            )
-        if s < pe:
-            raise PlanError(
-                f"nodes {prev.name!r} and {node.name!r} both hold layers "
-                f"{_incl(s, min(pe, e))}; layer ranges must not overlap"
-            )
-        if s > pe:
-            raise PlanError(
-                f"layers {_incl(pe, s)} are held by no node (a gap between node {prev.name!r} "
-                f"and node {node.name!r}); ranges must be contiguous"
-            )
-    last = nodes[-1]
-    if last.layers[1] != num_layers:
-        raise PlanError(
-            f"layers {_incl(last.layers[1], num_layers)} are held by no node: the last node "
-            f"{last.name!r} ends at layer {last.layers[1] - 1} but {model}"
+    if problem.kind == "order":
+        return (
+            f"node {node.name!r} (layers {inclusive(*node.layers)}) comes after node "
+            f"{prev.name!r} (layers {inclusive(*prev.layers)}) in the ring; "
+            "list layer ranges in ring order"
         )
-    return [n.layers for n in nodes]
+    if problem.kind == "overlap":
+        return (
+            f"nodes {prev.name!r} and {node.name!r} both hold layers {inclusive(start, end)}; "
+            "layer ranges must not overlap"
+        )
+    if problem.kind == "gap":
+        return (
+            f"layers {inclusive(start, end)} are held by no node (a gap between node "
+            f"{prev.name!r} and node {node.name!r}); ranges must be contiguous"
+        )
+    return (  # short
+        f"layers {inclusive(start, end)} are held by no node: the last node {node.name!r} "
+        f"ends at layer {start - 1} but {model}"
+    )
 
 
-def _splits_pair(boundary: int, pairs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
-    # A stage starting at `boundary` separates (source, sharer) when source < boundary <= sharer.
+def splits_pair(boundary: int, pairs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    """The KV-sharing pair (source, sharer) a stage boundary at `boundary` separates, if any:
+    source < boundary <= sharer. The one check of pairs (plans and shards use it)."""
     return next(((s, t) for s, t in pairs if s < boundary <= t), None)
 
 
@@ -253,7 +305,7 @@ def keep_kv_pairs(
         return ranges
     num_layers = ranges[-1][1]
     bounds = [start for start, _ in ranges[1:]]
-    allowed = [c for c in range(1, num_layers) if _splits_pair(c, pairs) is None]
+    allowed = [c for c in range(1, num_layers) if splits_pair(c, pairs) is None]
     if len(allowed) < len(bounds):
         raise PlanError(
             f"cannot split {num_layers} layers over {len(ranges)} nodes without separating "
@@ -271,12 +323,12 @@ def _check_kv_pairs(
     ranges: Sequence[tuple[int, int]], pairs: Sequence[tuple[int, int]], names: list[str]
 ) -> None:
     for (start, _), name in zip(ranges[1:], names[1:]):
-        if pair := _splits_pair(start, pairs):
+        if pair := splits_pair(start, pairs):
             source, sharer = pair
             raise PlanError(
                 f"node {name!r} starts at layer {start}, which separates layer {sharer} from "
                 f"layer {source} whose K/V it reuses (KV sharing); keep layers "
-                f"{_incl(source, sharer + 1)} on one node"
+                f"{inclusive(source, sharer + 1)} on one node"
             )
 
 
@@ -297,6 +349,6 @@ def _gb(num_bytes: int) -> str:
     return f"{num_bytes / GIB:.1f}"
 
 
-def _incl(start: int, end: int) -> str:
-    # Half-open [start, end) as the inclusive numbers users read: "30-40", or "7" alone.
+def inclusive(start: int, end: int) -> str:
+    """Half-open [start, end) as the inclusive numbers users write: "30-40", or "7" alone."""
     return str(start) if end - start == 1 else f"{start}-{end - 1}"

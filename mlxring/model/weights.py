@@ -12,32 +12,34 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from mlxring.plan import ModelFootprint
+import mlx.core as mx
+
+from mlxring.cluster.plan import ModelFootprint
+from mlxring.model.facts import CheckpointError, ModelFacts
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
-    "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
-}  # fmt: skip
+# tensors of the vision / audio towers of multimodal checkpoints: never loaded
+OTHER_TOWERS = (
+    "vision_tower",
+    "multi_modal_projector",
+    "audio_tower",
+    "embed_audio",
+    "embed_vision",
+    "vision_embedder",
+)
 
 
-class CheckpointError(ValueError):
-    """A model directory that cannot be used, with a message naming the fix."""
+def is_other_tower(name: str) -> bool:
+    """Whether checkpoint tensor `name` belongs to a vision or audio tower (never loaded)."""
+    return any(tower in name for tower in OTHER_TOWERS)
 
 
 def layer_index(name: str) -> int | None:
     """The transformer layer a tensor belongs to (`model.layers.7.mlp...` -> 7), or None."""
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
-
-
-def read_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir}: no config.json; point --model at a model directory")
-    return json.loads(path.read_text())
 
 
 def weight_map(model_dir: str | Path) -> dict[str, str]:
@@ -74,11 +76,8 @@ def tensor_bytes(model_dir: str | Path) -> dict[str, int]:
 
 def footprint(model_dir: str | Path) -> ModelFootprint:
     """Weight bytes per layer and of the head-only tensors (embedding, norm, lm_head)."""
-    from mlxring.shards.kv_sharing import kv_sharing_pairs
-
-    full_config = read_config(model_dir)
-    config = full_config.get("text_config", full_config)
-    num_layers = int(config["num_hidden_layers"])
+    facts = ModelFacts.read(model_dir)
+    num_layers = facts.num_layers
     layer_bytes = [0] * num_layers
     head_bytes = 0
     for name, size in tensor_bytes(model_dir).items():
@@ -87,13 +86,11 @@ def footprint(model_dir: str | Path) -> ModelFootprint:
             head_bytes += size
         elif i < num_layers:
             layer_bytes[i] += size
-    pairs = tuple(kv_sharing_pairs(full_config))
-    return ModelFootprint(tuple(layer_bytes), head_bytes, pairs)
+    return ModelFootprint(tuple(layer_bytes), head_bytes, facts.kv_pairs)
 
 
 def load_subset(model_dir: str | Path, keep: Callable[[str], bool]) -> dict:
     """Lazily load the tensors for which `keep(name)` holds, opening only their files."""
-    import mlx.core as mx
 
     model_dir = Path(model_dir)
     files: dict[str, list[str]] = {}
