@@ -68,7 +68,7 @@ BAD = [
     # api and batching
     (
         f"name: r\napi: 8000\nnodes: [{A}]\n",
-        "api: expected a mapping with host, port, api_keys, got 8000",
+        "api: expected a mapping with host, port, api_keys, max_body_bytes, got 8000",
     ),
     (
         f"name: r\napi: {{port: '8000'}}\nnodes: [{A}]\n",
@@ -126,7 +126,7 @@ BAD = [
     (
         f"name: r\nbatching: 16\nnodes: [{A}]\n",
         "batching: expected a mapping with max_batch, prefill_chunk, prefill_batch, mode, "
-        "step_timeout, max_tokens, got 16",
+        "step_timeout, max_tokens, max_waiting, max_kv_tokens, got 16",
     ),
     # one node's fields
     (

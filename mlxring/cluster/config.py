@@ -36,6 +36,7 @@ NodeBackend = Literal["mlx", "torch"]
 Device = Literal["gpu", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]  # torch nodes; auto: the checkpoint's
 Mode = Literal["pipelined", "lockstep"]
+OnFailure = Literal["restart", "exit"]
 
 DEFAULT_RESERVE_GB = 4.0
 CLUSTER_BACKENDS: tuple[str, ...] = get_args(ClusterBackend)
@@ -185,6 +186,7 @@ class ApiConfig:
     host: _Host = "127.0.0.1"
     port: _Port = 8000
     api_keys: Annotated[tuple[_Text, ...], _expect("a list of strings")] = ()
+    max_body_bytes: _Count = 1_048_576  # larger request bodies get 413
 
     _fields = model_validator(mode="before")(classmethod(_given))
 
@@ -200,6 +202,9 @@ class EngineConfig:
     # seconds with no step back before the ring is declared down
     step_timeout: Annotated[_Positive, _expect("a positive number")] = 60.0
     max_tokens: _Count = 256  # completion length when a request gives none
+    max_waiting: _Count = 256  # requests queued beyond the live batch; more get 429
+    # KV budget: prompt + max_tokens summed over live sequences; admission waits beyond it
+    max_kv_tokens: _Count = 262_144
 
     _fields = model_validator(mode="before")(classmethod(_given))
 
@@ -266,6 +271,8 @@ class ClusterConfig:
     cluster_key_file: _Text | None = None
     api: ApiConfig = dataclasses.field(default_factory=ApiConfig)
     batching: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    # a dead, stalled or failed ring: restart it (with backoff), or stop and exit
+    on_failure: Annotated[OnFailure, _one_of(OnFailure)] = "restart"
     nodes: Annotated[
         tuple[NodeConfig, ...], Field(min_length=1), _expect("a non-empty list of nodes")
     ]
