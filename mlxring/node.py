@@ -72,7 +72,8 @@ def run(args: RankArgs) -> None:
     try:
         JOBS[args.job or "serve"](engine, args.model, args.job_options)
     finally:
-        engine.close()
+        if engine.error is None:  # a failed engine may be stuck in a receive: leave it
+            engine.close()
 
 
 def exit_with_parent(parent: int) -> None:

@@ -1,8 +1,13 @@
 """Run the ranks of a ring and watch them: prefixed output, readiness, failure, teardown.
 
 Every rank runs in its own process group. When any rank dies or fails to
-start, the supervisor names the node and why, stops every other rank (SIGTERM,
-then SIGKILL) and returns non-zero; nothing it started is left running.
+start, the supervisor names the node and why and stops every other rank
+(SIGTERM, then SIGKILL); nothing it started is left running. Then it either
+returns non-zero, or (with `restart`) starts a fresh set of rank processes
+after a backoff: mlx.distributed sets its group up once per process, so a ring
+is recovered by new processes. `RingState` tells whoever serves the API
+(`mlxring.server.front`) whether the ring is up, where its head's API is, and
+what has failed so far.
 """
 
 from __future__ import annotations
@@ -17,16 +22,62 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
 
 from mlxring.cluster import protocol
-from mlxring.cluster.protocol import EXIT_AUTH, EXIT_PEER_LOST
+from mlxring.cluster.protocol import EXIT_AUTH, EXIT_PEER_LOST, EXIT_USER_ERROR
 from mlxring.cluster.ranks import SSH, RankSpec
 
 STARTUP_TIMEOUT = 300.0  # loading a large model's shard takes a while
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
+FAIL_GRACE = 3.0  # after a rank fails: time for the head to end its requests with the error
 POLL = 0.05
+BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before restart n; a ring up for STABLE resets it
+STABLE = 60.0
+REPEATED = 3  # failures of one node that /health and the launcher point out
+
+
+class RingState:
+    """What the API front needs to know of the ring, shared between threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.url: str | None = None  # the head's API while the ring is up
+        self.down_reason = "the ring is starting"
+        self.restarts = 0
+        self.failures: collections.Counter[str] = collections.Counter()  # node -> failures
+        self.last_failure: str | None = None
+        self.announce: Callable[[str], None] | None = None  # called when first up, with the url
+        self.ever_up = False
+
+    def up(self, url: str) -> None:
+        with self.lock:
+            self.url = url
+            first, self.ever_up = not self.ever_up, True
+        if first and self.announce is not None:
+            self.announce(url)
+
+    def down(self, reason: str, node: str | None = None) -> None:
+        with self.lock:
+            self.url, self.down_reason = None, reason
+            if node is not None:
+                self.failures[node] += 1
+                self.last_failure = reason
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            repeated = sorted(n for n, k in self.failures.items() if k >= REPEATED)
+            return {
+                "up": self.url is not None,
+                "url": self.url,
+                "reason": None if self.url else self.down_reason,
+                "restarts": self.restarts,
+                "failures": dict(self.failures),
+                "last_failure": self.last_failure,
+                "repeated": repeated,
+            }
 
 
 class Rank:
@@ -65,8 +116,13 @@ class Supervisor:
         startup_timeout: float = STARTUP_TIMEOUT,
         progress: bool = False,
         head_output=None,
+        respec: Callable[[], list[RankSpec]] | None = None,
+        state: RingState | None = None,
     ):
         self.specs = specs
+        # with `respec`, a failed ring is restarted from fresh specs (new ports); else it ends
+        self.respec = respec
+        self.state = state or RingState()
         self.head_output = head_output  # binary stream for the head's raw output (stdout)
         self.progress = progress  # draw the head's "progress" control lines as a bar
         self.bar = None
@@ -97,13 +153,16 @@ class Supervisor:
     def _on_control(self, rank: Rank, word: str, rest: str) -> None:
         if word == protocol.READY:
             rank.ready = True
-        elif word == protocol.PID:
-            rank.remote_pid = int(rest)
+        elif word == protocol.PID and rank.remote_pid is None and not rank.ready:
+            # the launch script's first line; a later one could come from the rank's own code
+            rank.remote_pid = int(rest) if rest.isdigit() else None
         elif word == protocol.ERROR:
             rank.error = rest
         elif word == protocol.SERVING:
             url, _, model = rest.partition(" ")
-            self.log(f"serving {model} at {url} (OpenAI API); Ctrl-C stops every rank")
+            if self.respec is None:
+                self.log(f"serving {model} at {url} (OpenAI API); Ctrl-C stops every rank")
+            self.state.up(url)
         elif word == protocol.PROGRESS and self.progress:
             self._show_progress(*map(int, rest.split()))
 
@@ -176,7 +235,8 @@ class Supervisor:
             self.bar.close()
 
     # the loop ---------------------------------------------------------------
-    def _blame(self) -> str:
+    def _blame(self) -> tuple[str, str | None]:
+        """Why the ring failed, in one line naming the node, and that node's name."""
         failed = [r for r in self.ranks if r.proc.returncode not in (None, 0)]
 
         def order(r: Rank) -> int:
@@ -185,8 +245,19 @@ class Supervisor:
 
         auth = [r for r in failed if r.proc.returncode == EXIT_AUTH]
         if auth:
-            return self._blame_auth(auth)
-        return min(failed, key=order).failure()
+            return self._blame_auth(auth), None
+        culprit = min(failed, key=order)
+        node = culprit.name
+        if culprit.proc.returncode == EXIT_PEER_LOST:  # it names the neighbour it lost
+            others = [n for n in re.findall(r"node '([^']+)'", culprit.error or "") if n != node]
+            node = others[-1] if others else None  # a stall: which rank froze is unknown
+        return culprit.failure(), node
+
+    @property
+    def recoverable(self) -> bool:
+        """False when restarting cannot help: a wrong cluster key or a user error."""
+        codes = {r.proc.returncode for r in self.ranks}
+        return not codes & {EXIT_AUTH, EXIT_USER_ERROR}
 
     def _blame_auth(self, failed: list[Rank]) -> str:
         """The rank whose key differs: the one its neighbours name (both, on a 2-rank ring)."""
@@ -210,10 +281,10 @@ class Supervisor:
         while not self.stopping.is_set():
             head = self.ranks[0]
             if any(r.proc.poll() not in (None, 0) for r in self.ranks):
-                time.sleep(0.5)  # let the neighbours' "peer lost" exits arrive, then blame
-                for r in self.ranks:
-                    r.proc.poll()
-                self.log(f"{self._blame()}; stopping the other ranks")
+                self._settle()
+                reason, node = self._blame()
+                self.state.down(reason, node)
+                self.log(f"{reason}; stopping the other ranks")
                 return 1
             if head.proc.poll() == 0:
                 deadline = time.monotonic() + 10
@@ -229,30 +300,70 @@ class Supervisor:
                     self.log(f"{len(self.ranks)} ranks ready in {took:.1f} s")
             if not announced and time.monotonic() - started > self.startup_timeout:
                 late = ", ".join(r.describe() for r in self.ranks if not r.ready)
-                self.log(
+                reason = (
                     f"{late} not ready after {self.startup_timeout:.0f} s (still loading, or "
-                    "cannot reach its ring neighbours); stopping every rank"
+                    "cannot reach its ring neighbours)"
                 )
+                self.state.down(reason, next(r.name for r in self.ranks if not r.ready))
+                self.log(f"{reason}; stopping every rank")
                 return 1
             time.sleep(POLL)
         self.log("interrupted; stopping every rank")
         return 130
 
-    def run(self) -> int:
-        """Start every rank and supervise them; the exit code of the whole ring."""
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                previous[sig] = signal.signal(sig, lambda *_: self.stopping.set())
+    def _settle(self) -> None:
+        """Let the neighbours' "peer lost" exits arrive, and give the head a moment to end
+        its requests with the error (it exits once it has), before blaming and stopping."""
+        deadline = time.monotonic() + FAIL_GRACE
+        time.sleep(0.5)
+        head = self.ranks[0]
+        while time.monotonic() < deadline and head.proc.poll() is None and self.respec:
+            time.sleep(POLL)
+        for r in self.ranks:
+            r.proc.poll()
+
+    def _attempt(self) -> int:
+        """Start every rank of `self.specs` and supervise them until the ring ends."""
+        self.ranks = []
         try:
             for spec in self.specs:
                 try:
                     self.ranks.append(self._start(spec))
                 except OSError as e:
-                    self.log(f"node {spec.node.name!r}: cannot start ({e}); stopping the others")
+                    reason = f"node {spec.node.name!r}: cannot start ({e})"
+                    self.state.down(reason, spec.node.name)
+                    self.log(f"{reason}; stopping the others")
                     return 1
             return self._watch()
         finally:
             self.stop_all()
+
+    def run(self) -> int:
+        """Start every rank and supervise them; the exit code of the whole ring. With
+        `respec`, a failed ring is started again (with backoff) until interrupted."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                previous[sig] = signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            consecutive = 0
+            while True:
+                started = time.monotonic()
+                code = self._attempt()
+                done = code in (0, 130) or self.respec is None or not self.recoverable
+                if done or self.stopping.is_set():
+                    return 130 if self.stopping.is_set() else code
+                consecutive = 1 if time.monotonic() - started > STABLE else consecutive + 1
+                wait = BACKOFF[min(consecutive, len(BACKOFF)) - 1]
+                snapshot = self.state.snapshot()
+                for node in snapshot["repeated"]:
+                    count = snapshot["failures"][node]
+                    self.log(f"node {node!r} has failed {count} times; check that machine")
+                self.log(f"restarting the ring in {wait:.0f} s (the API answers 503 meanwhile)")
+                if self.stopping.wait(wait):
+                    return 130
+                self.state.restarts += 1
+                self.specs = self.respec()
+        finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

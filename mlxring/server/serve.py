@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -10,7 +12,10 @@ import uvicorn
 from mlxring.cluster.protocol import API_KEYS_ENV, SERVING, control
 from mlxring.engine.engine import Engine
 from mlxring.model.facts import ModelFacts
+from mlxring.ring.transport import PeerLost
 from mlxring.server.app import create_app
+
+FAILED_GRACE = 1.0  # seconds between a ring failure and the end of the job
 
 
 def api_keys(configured: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -20,15 +25,35 @@ def api_keys(configured: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
 
 
 def serve(engine: Engine, model_dir: str, opts: dict) -> None:
-    """Serve until SIGINT/SIGTERM (the launcher sends SIGTERM when it stops the ring)."""
+    """Serve until SIGINT/SIGTERM (the launcher sends SIGTERM when it stops the ring).
+
+    With opts["exit_on_failure"] (a launcher that restarts failed rings), a ring
+    failure ends the job once in-flight requests have their error, so that the
+    launcher starts a new ring; the head then exits as having lost a peer.
+    """
     name = opts.get("model_name") or Path(model_dir).name
     context = ModelFacts.read(model_dir).context_length
     app = create_app(engine, engine.tokenizer, name, context, api_keys())
     host, port = opts.get("host", "127.0.0.1"), int(opts.get("port", 8000))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
-    control(SERVING, f"http://{host}:{port}/v1", name)
-    print(f"serving {name} at http://{host}:{port}/v1 (OpenAI API)", flush=True)
+    url = f"http://{host}:{port}/v1"
+
+    def watch() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:  # only now can the launcher send requests here
+            control(SERVING, url, name)
+            print(f"serving {name} at {url} (OpenAI API)", flush=True)
+        while opts.get("exit_on_failure") and not server.should_exit:
+            if engine.error is not None:
+                time.sleep(FAILED_GRACE)  # let the streams in flight carry the error out
+                server.should_exit = True
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, name="serve-watch", daemon=True).start()
     server.run()
     if not server.started:
         raise OSError(f"cannot listen on {host}:{port} (in use? pick another with --port)")
+    if engine.error is not None and opts.get("exit_on_failure"):
+        raise PeerLost(f"the ring failed: {engine.error}")

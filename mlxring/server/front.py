@@ -1,0 +1,170 @@
+"""The API's front door, in the launcher: it outlives every restart of the ring.
+
+mlx.distributed sets its group up once per process, so a ring is recovered by
+starting new rank processes, the head's included. The public API port is
+therefore served by the launcher: each request is forwarded to the current
+head's API (on a loopback port of that ring), streamed back as it comes, and
+cancelled upstream when the client goes away. While the ring is down or
+restarting, the front answers 503 with Retry-After instead of refusing
+connections. `GET /health` adds what the supervisor knows: restarts, and the
+nodes that keep failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import threading
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from mlxring.cluster.config import ClusterConfig
+from mlxring.cluster.plan import Plan
+from mlxring.cluster.ranks import RankSpec, free_port, rank_specs
+from mlxring.cluster.supervise import RingState, Supervisor
+
+RETRY_AFTER = 5  # seconds a client is told to wait while the ring restarts
+# hop-by-hop headers, and those the proxy recomputes, are not forwarded
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
+
+
+def _down(message: str, code: str = "ring_down") -> JSONResponse:
+    error = {"message": message, "type": "server_error", "param": None, "code": code}
+    return JSONResponse({"error": error}, 503, headers={"Retry-After": str(RETRY_AFTER)})
+
+
+def create_front(state: RingState, head: str) -> Starlette:
+    """The front app over `state` (the supervisor's view of the ring; `head` names rank 0)."""
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+
+    async def health(request: Request) -> Response:
+        ring = state.snapshot()
+        if not ring["up"]:
+            return _down(f"the ring is down: {ring['reason']}")
+        try:
+            upstream = await client.get(f"{ring['url'].removesuffix('/v1')}/health", timeout=10)
+        except httpx.HTTPError:
+            return _down(f"the head node {head!r} does not answer")
+        if upstream.status_code != 200:
+            return Response(upstream.content, upstream.status_code, _headers(upstream.headers))
+        body = {"status": "ok", "restarts": ring["restarts"]}
+        if ring["repeated"]:
+            failing = ", ".join(f"{n!r} ({ring['failures'][n]} times)" for n in ring["repeated"])
+            body["warning"] = f"nodes that keep failing: {failing}"
+        return JSONResponse(body)
+
+    async def forward(request: Request) -> Response:
+        ring = state.snapshot()
+        if not ring["up"]:
+            return _down(f"the ring is down: {ring['reason']}")
+        base = ring["url"].removesuffix("/v1")
+        url = httpx.URL(base + request.url.path, query=request.url.query.encode())
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
+        upstream_request = client.build_request(
+            request.method, url, headers=headers, content=request.stream()
+        )
+        try:
+            upstream = await client.send(upstream_request, stream=True)
+        except httpx.HTTPError:
+            return _down(f"the head node {head!r} does not answer")
+        event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
+
+        async def relay():
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError:  # the head went away mid-answer
+                if event_stream:
+                    message = f"the ring failed: the head node {head!r} went away"
+                    yield f'data: {{"error": {{"message": "{message}", "type": '
+                    yield '"server_error", "param": null, "code": "ring_down"}}\n\n'
+            finally:
+                await upstream.aclose()
+
+        return StreamingResponse(
+            relay(), upstream.status_code, _headers(upstream.headers), background=None
+        )
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/{path:path}", forward, methods=methods),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette):
+        yield
+        await client.aclose()
+
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _headers(headers: httpx.Headers) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound now so that a port in use is a clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from e
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+def serve_ring(supervisor: Supervisor, host: str, port: int, model: str) -> int:
+    """Serve the API at host:port in front of the supervised ring; its exit code."""
+    sock = listen(host, port)
+    url = f"http://{host}:{port}/v1"
+
+    def announce(_: str) -> None:
+        print(
+            f"mlxring: serving {model} at {url} (OpenAI API); Ctrl-C stops every rank",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    supervisor.state.announce = announce
+    app = create_front(supervisor.state, supervisor.specs[0].node.name)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        return supervisor.run()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def serve_cluster(cluster: ClusterConfig, plan: Plan, model: str, opts: dict) -> int:
+    """Run the cluster's ranks and serve its API at opts' host and port, restarting a failed
+    ring when the cluster says `on_failure: restart`; the launcher's exit code.
+
+    A local head serves on a loopback port of each ring, behind the front; a remote
+    head serves the public port itself (closed while its ring restarts).
+    """
+    restart = cluster.on_failure == "restart"
+    local_head = cluster.head.ssh is None and cluster.head.is_local
+
+    def specs() -> list[RankSpec]:
+        head = {"host": "127.0.0.1", "port": free_port()} if local_head else {}
+        return rank_specs(cluster, plan, model, "serve", {**opts, **head, "exit_on_failure": True})
+
+    supervisor = Supervisor(specs(), respec=specs if restart else None)
+    if not local_head:
+        return supervisor.run()
+    return serve_ring(supervisor, opts["host"], opts["port"], opts["model_name"])
