@@ -12,6 +12,7 @@ nodes that keep failing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import sys
@@ -34,13 +35,20 @@ RETRY_AFTER = 5  # seconds a client is told to wait while the ring restarts
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
 
 
-def _down(message: str, code: str = "ring_down") -> JSONResponse:
-    error = {"message": message, "type": "server_error", "param": None, "code": code}
-    return JSONResponse({"error": error}, 503, headers={"Retry-After": str(RETRY_AFTER)})
+def _error(status: int, message: str, kind: str = "invalid_request_error", code=None):
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return JSONResponse({"error": error}, status)
 
 
-def create_front(state: RingState, head: str) -> Starlette:
-    """The front app over `state` (the supervisor's view of the ring; `head` names rank 0)."""
+def _down(message: str) -> JSONResponse:
+    response = _error(503, message, "server_error", "ring_down")
+    response.headers["Retry-After"] = str(RETRY_AFTER)
+    return response
+
+
+def create_front(state: RingState, head: str, max_body_bytes: int = 1 << 20) -> Starlette:
+    """The front app over `state` (the supervisor's view of the ring; `head` names rank 0);
+    bodies over `max_body_bytes` get 413 here already."""
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
 
     async def health(request: Request) -> Response:
@@ -66,11 +74,20 @@ def create_front(state: RingState, head: str) -> Starlette:
         base = ring["url"].removesuffix("/v1")
         url = httpx.URL(base + request.url.path, query=request.url.query.encode())
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
-        upstream_request = client.build_request(
-            request.method, url, headers=headers, content=request.stream()
-        )
+        body = b""
+        async for chunk in request.stream():  # whole, so that a disconnect can be watched
+            body += chunk
+            if len(body) > max_body_bytes:
+                return _error(413, f"the request body exceeds {max_body_bytes} bytes")
+        upstream_request = client.build_request(request.method, url, headers=headers, content=body)
+        sending = asyncio.ensure_future(client.send(upstream_request, stream=True))
+        while not sending.done():  # a plain request answers only when done: watch the client
+            await asyncio.wait({sending}, timeout=0.25)
+            if not sending.done() and await request.is_disconnected():
+                sending.cancel()  # closes the upstream connection: the head cancels the request
+                return Response(status_code=499)
         try:
-            upstream = await client.send(upstream_request, stream=True)
+            upstream = sending.result()
         except httpx.HTTPError:
             return _down(f"the head node {head!r} does not answer")
         event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
@@ -124,7 +141,9 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_ring(supervisor: Supervisor, host: str, port: int, model: str) -> int:
+def serve_ring(
+    supervisor: Supervisor, host: str, port: int, model: str, max_body_bytes: int = 1 << 20
+) -> int:
     """Serve the API at host:port in front of the supervised ring; its exit code."""
     sock = listen(host, port)
     url = f"http://{host}:{port}/v1"
@@ -137,7 +156,7 @@ def serve_ring(supervisor: Supervisor, host: str, port: int, model: str) -> int:
         )
 
     supervisor.state.announce = announce
-    app = create_front(supervisor.state, supervisor.specs[0].node.name)
+    app = create_front(supervisor.state, supervisor.specs[0].node.name, max_body_bytes)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -167,4 +186,5 @@ def serve_cluster(cluster: ClusterConfig, plan: Plan, model: str, opts: dict) ->
     supervisor = Supervisor(specs(), respec=specs if restart else None)
     if not local_head:
         return supervisor.run()
-    return serve_ring(supervisor, opts["host"], opts["port"], opts["model_name"])
+    limit = cluster.api.max_body_bytes
+    return serve_ring(supervisor, opts["host"], opts["port"], opts["model_name"], limit)
