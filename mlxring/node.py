@@ -67,7 +67,8 @@ def run(args: RankArgs) -> None:
         serve_stage(shard, channel)
         return
     config = EngineConfig(**args.job_options.get("engine", {}))
-    engine = Engine(shard, channel, load_tokenizer(args.model), config)
+    names = args.job_options.get("nodes")  # ring order: errors name the node, not the rank
+    engine = Engine(shard, channel, load_tokenizer(args.model), config, node_names=names)
     control(READY, rank)
     try:
         JOBS[args.job or "serve"](engine, args.model, args.job_options)

@@ -184,6 +184,19 @@ BAD = [
     ),
     (three(extra1=", device: cuda"), "nodes[1].device: 'cuda' needs backend: torch"),
     (three(extra2=", ssh: ''"), "nodes[2].ssh: expected a non-empty string, got ''"),
+    # a leading '-' would reach ssh as an option
+    (
+        three(extra1=", ssh: '-oProxyCommand=touch /tmp/x'"),
+        "nodes[1].ssh: expected an ssh target, got '-oProxyCommand=touch /tmp/x'",
+    ),
+    (
+        three().replace("host: h2", "host: -oProxyCommand=id"),
+        "nodes[1].host: expected a host name or IP address, got '-oProxyCommand=id'",
+    ),
+    (
+        f"name: r\napi: {{api_keys: ['a,b']}}\nnodes: [{A}]\n",
+        "api.api_keys[0]: expected a key of visible ASCII characters other than ','",
+    ),
     # across nodes
     (
         three().replace("name: c", "name: a"),

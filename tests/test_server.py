@@ -219,8 +219,13 @@ def test_a_bad_api_key_is_401(server, tiny_llama):
     assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
 
 
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
 def live_sequences(url: str) -> list[list[int]]:
-    return [rank["sequences"] for rank in httpx.get(f"{url}/health", timeout=30).json()["ranks"]]
+    """Each stage's live sequences, from the engine's snapshot (refreshed about once a second)."""
+    status = httpx.get(f"{url}/v1/status", headers=AUTH, timeout=30).json()
+    return [stage["sequences"] for stage in status["stages"]]
 
 
 def test_a_client_that_disconnects_frees_its_sequence(server, tiny_llama):
@@ -241,7 +246,10 @@ def test_a_client_that_disconnects_frees_its_sequence(server, tiny_llama):
     ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        assert any(s for s in live_sequences(url))  # generating on every rank
+        deadline = time.monotonic() + 15  # the snapshot is up to a second old
+        while not all(live_sequences(url)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(live_sequences(url))  # generating on every rank
     deadline = time.monotonic() + 15
     while any(live_sequences(url)) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -250,14 +258,14 @@ def test_a_client_that_disconnects_frees_its_sequence(server, tiny_llama):
 
 def test_openapi_documents_every_endpoint(server):
     _, url = server
-    paths = httpx.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+    paths = httpx.get(f"{url}/openapi.json", headers=AUTH, timeout=10).json()["paths"]
     for path in ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"]:
         assert path in paths
 
 
 def test_metrics_are_prometheus_text(server):
     _, url = server
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=30).text
     for name in [
         "mlxring_requests_total",
         "mlxring_generated_tokens_total",

@@ -16,6 +16,7 @@ from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -44,8 +45,10 @@ NODE_BACKENDS: tuple[str, ...] = get_args(NodeBackend)
 DEVICES: tuple[str, ...] = get_args(Device)
 DTYPES: tuple[str, ...] = get_args(Dtype)
 
-_LAYERS = re.compile(r"(?:model\.layers\.)?(\d+)(?:\s*-\s*(\d+))?")
+_LAYERS = re.compile(r"(?:model\.layers\.)?(\d{1,9})(?:\s*-\s*(\d{1,9}))?")
+_MAX_LAYER = 10**9  # beyond any model; bounds what a config can make the planner count
 _SCHEMA = ConfigDict(extra="forbid")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,60}")  # a field path's part that needs no quotes
 
 
 class ConfigError(UserError, ValueError):
@@ -82,6 +85,8 @@ def _show(value: object) -> str:
         return "a list" if value else "an empty list"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, int) and value.bit_length() > 64:  # repr may refuse 4300+ digits
+        return f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -125,7 +130,7 @@ def _layer_range(value: object) -> tuple[int, int]:
 
 
 def _is_index(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_LAYER
 
 
 def parse_layers(value: object, path: str) -> tuple[int, int]:
@@ -141,8 +146,29 @@ _Name = Annotated[
     Field(strict=True, pattern=r"^[A-Za-z0-9_.-]+$"),
     _expect("a name of letters, digits, '_', '.' or '-'"),
 ]
-_Host = Annotated[str, Field(strict=True, pattern=r"^\S+$"), _expect("a host name or IP address")]
+# a leading '-' would reach ssh as an option (`-oProxyCommand=...` runs a command)
+_Host = Annotated[
+    str, Field(strict=True, pattern=r"^[^\s-]\S*$"), _expect("a host name or IP address")
+]
 _Text = Annotated[str, Field(strict=True, pattern=r"\S"), _expect("a non-empty string")]
+
+
+def _ssh_target(value: str) -> str:
+    if value.startswith("-") or re.search(r"\s", value):
+        raise _expected("an ssh target", value)
+    return value
+
+
+def _api_key(value: str) -> str:
+    # keys travel comma-separated (MLXRING_API_KEYS) and as `Authorization: Bearer KEY`;
+    # a key is a secret: the message does not quote it
+    if not re.fullmatch(r"[!-+\--~]+", value):  # 0x21-0x7e but 0x2c (the comma)
+        raise _Problem("expected a key of visible ASCII characters other than ','")
+    return value
+
+
+_SshTarget = Annotated[_Text, AfterValidator(_ssh_target)]
+_ApiKey = Annotated[_Text, AfterValidator(_api_key)]
 _Port = Annotated[int, Field(strict=True, ge=1, le=65535), _expect("an integer 1..65535")]
 _Count = Annotated[int, Field(strict=True, ge=1), _expect("an integer >= 1")]
 _Positive = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
@@ -185,7 +211,10 @@ class ApiConfig:
 
     host: _Host = "127.0.0.1"
     port: _Port = 8000
-    api_keys: Annotated[tuple[_Text, ...], _expect("a list of strings")] = ()
+    api_keys: Annotated[tuple[_ApiKey, ...], _expect("a list of strings")] = dataclasses.field(
+        default=(),
+        repr=False,  # secrets: never in a printed config
+    )
     max_body_bytes: _Count = 1_048_576  # larger request bodies get 413
 
     _fields = model_validator(mode="before")(classmethod(_given))
@@ -228,7 +257,7 @@ class NodeConfig:
     device: Annotated[Device, _one_of(Device)] = "gpu"
     dtype: Annotated[Dtype, _one_of(Dtype)] = "auto"
     layers: Annotated[tuple[int, int], BeforeValidator(_layer_range)] | None = None
-    ssh: _Text | None = None
+    ssh: _SshTarget | None = None  # user@host; never starting with '-' (an ssh option)
     python: _Text | None = None  # interpreter on the node; default: the launcher's
     cwd: _Text | None = None  # working directory on the node; default: the launcher's
     rdma: _Rdma | None = None  # jaccl: the RDMA device to each rank, None to itself
@@ -346,7 +375,12 @@ def _config_error(error: ErrorDetails) -> ConfigError:
         loc, message = (*loc, *problem.at), str(problem)
     path = ""
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(str(part)):  # a key from the file: quoted, on one line
+            path += f"[{_show(str(part))}]"
+        else:
+            path += f".{part}" if path else str(part)
     return ConfigError(f"{path or 'top level'}: {message}")
 
 
@@ -374,6 +408,11 @@ def load_config(path: str | Path) -> ClusterConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or "cannot parse"
         raise ConfigError(f"{path}: {where}invalid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
+    except (ValueError, OverflowError) as err:  # a scalar PyYAML cannot build: 2024-13-45
+        problem = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}: invalid YAML ({problem})") from None
     try:
         return parse_config(data)
     except ConfigError as err:

@@ -10,7 +10,7 @@ import subprocess
 from mlxring.cluster.config import ClusterConfig, NodeConfig, load_config
 from mlxring.cluster.fit import cluster_plan
 from mlxring.cluster.plan import Plan, keep_kv_pairs, split_layers
-from mlxring.cluster.ranks import SSH, RankSpec, rank_specs
+from mlxring.cluster.ranks import RankSpec, rank_specs, ssh_argv
 from mlxring.cluster.supervise import Supervisor
 from mlxring.errors import UserError
 from mlxring.model.weights import footprint
@@ -36,11 +36,7 @@ def local_ring(ranks: int, model: str, compute: dict | None = None) -> ClusterCo
 def remote_memory_bytes(node: NodeConfig) -> int:
     """Ask a remote node for its physical memory over ssh (`memory_gb: auto`)."""
     code = "import os; print(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))"
-    cmd = [
-        *shlex.split(SSH),
-        node.ssh or node.host,
-        shlex.join([node.python or "python3", "-c", code]),
-    ]
+    cmd = ssh_argv(node.ssh or node.host, shlex.join([node.python or "python3", "-c", code]))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True)
         return int(out.stdout.strip())
@@ -50,10 +46,26 @@ def remote_memory_bytes(node: NodeConfig) -> int:
         ) from e
 
 
+def not_asked(node: NodeConfig) -> int:
+    """The memory detector of a dry run: it contacts no node, so `auto` on a remote node
+    cannot be planned."""
+    raise UserError(
+        f"node {node.name!r}: memory_gb 'auto' is asked over ssh at launch, and a dry run "
+        "contacts no node; set memory_gb (GB) to see the plan"
+    )
+
+
 def resolve(
-    config: str | None, ranks: int | None, model: str | None, compute: dict | None = None
+    config: str | None,
+    ranks: int | None,
+    model: str | None,
+    compute: dict | None = None,
+    contact_nodes: bool = True,
 ) -> tuple[ClusterConfig, str, Plan]:
-    """The cluster, model directory and plan a launch runs (`compute`: see `local_ring`)."""
+    """The cluster, model directory and plan a launch runs (`compute`: see `local_ring`).
+
+    `memory_gb: auto` of a remote node is asked over ssh; with `contact_nodes=False` (a dry
+    run) it is a UserError instead."""
     cluster = load_config(config) if config else None
     model = model or (cluster.model if cluster else None)
     if not model:
@@ -62,7 +74,7 @@ def resolve(
         raise UserError(f"model {model}: no such directory")
     if cluster is None:
         cluster = local_ring(ranks or 1, model, compute)
-    plan = cluster_plan(cluster, model, remote_memory_bytes)
+    plan = cluster_plan(cluster, model, remote_memory_bytes if contact_nodes else not_asked)
     return cluster, model, plan
 
 

@@ -6,12 +6,18 @@ ssh as `mlx.launch` does: a small shell script sets the working directory, the
 mlx.distributed environment (`MLX_RANK`, `MLX_HOSTFILE`, or JACCL's variables,
 whose files it writes on the node) and execs `python -m mlxring.node`. What a
 rank is told, and how it answers, is the rank protocol (`mlxring.cluster.protocol`).
+
+Secrets (the API keys of a head, the cluster key of a local ring without a key
+file) are never in a command line or a script: a local rank gets them in its
+process environment (`RankSpec.secret_env`), a rank started over ssh reads them
+from its stdin (`RankSpec.stdin_secret`, which the launcher writes there).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -26,11 +32,31 @@ from mlxring.errors import UserError
 
 DEFAULT_PORT = 40000  # remote nodes without a port: DEFAULT_PORT + rank
 SSH = os.environ.get("MLXRING_SSH", "ssh -o BatchMode=yes")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def ssh_argv(target: str, command: str) -> list[str]:
+    """The command that runs `command` (one shell line) on `target` over ssh.
+
+    `--` ends ssh's options, so a target can never be taken for one (`-oProxyCommand=...`);
+    config validation refuses such targets too."""
+    return [*shlex.split(SSH), "--", target, command]
+
+
+def _shell_error(message: str, code: int) -> str:
+    """Shell that reports `message` as the rank's error control line and exits `code`."""
+    octal = protocol.CONTROL.replace("\x1e", "\\036")  # printf's escape for the separator
+    line = f"printf '{octal} {protocol.ERROR} %s\\n' {shlex.quote(message)} >&2"
+    return f"{{ {line}; exit {code}; }}"
 
 
 @dataclass(frozen=True)
 class RankSpec:
-    """How to start one rank: where, with which command, environment and files."""
+    """How to start one rank: where, with which command, environment and files.
+
+    Secrets are in `secret_env` (set in the environment of the process the launcher starts:
+    local ranks) and `stdin_env` (read by the script from its stdin: ranks over ssh); neither
+    appears in `argv`, `script()`, `command()` or the repr."""
 
     rank: int
     node: NodeConfig
@@ -38,12 +64,27 @@ class RankSpec:
     env: dict[str, str]  # set on the node
     files: dict[str, str]  # env var -> content of a file written on the node
     cwd: str
-    secret_env: dict[str, str] = field(default_factory=dict)  # local only; never printed
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)  # never printed
+    stdin_env: dict[str, str] = field(default_factory=dict, repr=False)  # never printed
+
+    def __post_init__(self) -> None:
+        for name, value in self.stdin_env.items():
+            if not _ENV_NAME.fullmatch(name) or "\n" in value or "\0" in value:
+                raise ValueError(f"stdin secret {name!r}: a variable name, one line of text")
 
     @property
     def remote(self) -> bool:
         """Started over ssh: the node names an ssh target or is not this machine."""
         return self.node.ssh is not None or not self.node.is_local
+
+    @property
+    def stdin_secret(self) -> bytes | None:
+        """What the launcher writes to the started process's stdin, then closes it: one line
+        per `stdin_env` variable, in sorted name order, each its UTF-8 value and b"\\n"; the
+        script reads them before it execs the rank. None: nothing to write (stdin unused)."""
+        if not self.stdin_env:
+            return None
+        return "".join(f"{self.stdin_env[k]}\n" for k in sorted(self.stdin_env)).encode()
 
     def script(self) -> str:
         """The shell script that starts this rank on its node (what ssh runs)."""
@@ -55,13 +96,19 @@ class RankSpec:
             lines.append(f"f=$(mktemp) && printf %s {shlex.quote(content)} > $f")
             lines.append(f'export {var}=$f {temp}="${temp} $f"')
         lines.append(protocol.pid_line_shell())
+        for var in sorted(self.stdin_env):  # the names only: the values come on stdin
+            missing = _shell_error(
+                f"no {var} on stdin (the launcher writes it there)", protocol.EXIT_USER_ERROR
+            )
+            lines.append(f"IFS= read -r {var} || {missing}")
+            lines.append(f"export {var}")
         lines.append("exec " + shlex.join(self.argv))
         return "; ".join(lines)
 
     def command(self) -> list[str]:
         """The command the launcher runs: ssh for remote nodes, the script under bash locally."""
         if self.remote:
-            return [*shlex.split(SSH), self.node.ssh or self.node.host, self.script()]
+            return ssh_argv(self.node.ssh or self.node.host, self.script())
         return ["bash", "-c", self.script()]
 
 
@@ -145,9 +192,19 @@ def rank_specs(
             paths = [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]
             env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         secret = key_env if not key_files[rank] else {}
-        if rank == 0 and node.is_local and cluster.api.api_keys and not node.ssh:
-            # API keys reach a local head through its environment, not its command line
-            secret = {**secret, protocol.API_KEYS_ENV: ",".join(cluster.api.api_keys)}
+        if rank == 0 and (keys := api_keys(cluster)):
+            secret = {**secret, protocol.API_KEYS_ENV: keys}
         cwd = node.cwd or os.getcwd()
-        specs.append(RankSpec(rank, node, argv, env, files, cwd, secret))
+        # a local rank gets its secrets in its environment, a rank over ssh on its stdin
+        remote = node.ssh is not None or not node.is_local
+        local_secret, stdin_secret = ({}, secret) if remote else (secret, {})
+        specs.append(RankSpec(rank, node, argv, env, files, cwd, local_secret, stdin_secret))
     return specs
+
+
+def api_keys(cluster: ClusterConfig) -> str:
+    """The head's API keys, comma-separated (MLXRING_API_KEYS): the configured ones and
+    those of the launcher's own MLXRING_API_KEYS, which a head over ssh would not see."""
+    env = os.environ.get(protocol.API_KEYS_ENV, "").split(",")
+    keys = [*cluster.api.api_keys, *(k.strip() for k in env)]
+    return ",".join(dict.fromkeys(k for k in keys if k))

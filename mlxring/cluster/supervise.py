@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mlxring.cluster import protocol
 from mlxring.cluster.protocol import EXIT_AUTH, EXIT_PEER_LOST, EXIT_USER_ERROR
-from mlxring.cluster.ranks import SSH, RankSpec
+from mlxring.cluster.ranks import RankSpec, ssh_argv
 
 STARTUP_TIMEOUT = 300.0  # loading a large model's shard takes a while
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
@@ -181,14 +181,19 @@ class Supervisor:
 
     # processes --------------------------------------------------------------
     def _start(self, spec: RankSpec) -> Rank:
+        secret = spec.stdin_secret  # secrets a remote rank reads from its stdin, never argv
         proc = subprocess.Popen(
             spec.command(),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: stopped as a whole
             env={**os.environ, **spec.secret_env},  # the key, for local nodes without a file
         )
+        if secret is not None:
+            with contextlib.suppress(OSError):  # a dead ssh reports itself by its exit
+                proc.stdin.write(secret)
+                proc.stdin.close()
         rank = Rank(spec, proc)
         if spec.rank == 0 and self.head_output_raw:
             out = threading.Thread(target=self._relay_raw, args=(proc.stdout,), daemon=True)
@@ -211,7 +216,7 @@ class Supervisor:
             kill = shlex.join(["kill", f"-{sig}", str(rank.remote_pid)])
             target = rank.spec.node.ssh or rank.spec.node.host
             with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run([*shlex.split(SSH), target, kill], timeout=5, capture_output=True)
+                subprocess.run(ssh_argv(target, kill), timeout=5, capture_output=True)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(rank.proc.pid, sig)
 

@@ -8,8 +8,15 @@ from mlxring.crypto.keys import DEFAULT_KEY_FILE, new_key, write_key
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=DEFAULT_KEY_FILE, help=f"default {DEFAULT_KEY_FILE}")
-    parser.add_argument("--force", action="store_true", help="replace an existing key file")
+    parser.add_argument(
+        "--out",
+        default=DEFAULT_KEY_FILE,
+        help=f"the key file to write, mode 0600 (default {DEFAULT_KEY_FILE}); a symlink or a "
+        "directory there is refused",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing key file (a regular file only)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

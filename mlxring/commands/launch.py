@@ -10,9 +10,10 @@ from dataclasses import asdict, replace
 
 from mlxring.cluster.config import ClusterConfig
 from mlxring.cluster.fit import api_warning, plan_table
-from mlxring.cluster.launch import resolve, run_specs
+from mlxring.cluster.launch import resolve
 from mlxring.cluster.protocol import API_KEYS_ENV
 from mlxring.cluster.ranks import rank_specs
+from mlxring.server.front import serve_cluster
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +36,9 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the plan, hostfile and commands; start nothing",
+        help="print the plan, hostfile and each rank's script; start nothing and contact no "
+        "node (a remote node with memory_gb: auto cannot be planned then: its memory is "
+        "asked over ssh at launch; set memory_gb to see the plan); API keys are not shown",
     )
 
 
@@ -55,15 +58,16 @@ def serve_options(cluster: ClusterConfig, model: str, args: argparse.Namespace) 
 
 
 def main(args: argparse.Namespace) -> int:
-    cluster, model, plan = resolve(args.config, None, args.model)
+    # a dry run contacts no node: `auto` memory of a remote node is only asked at launch
+    cluster, model, plan = resolve(args.config, None, args.model, contact_nodes=not args.dry_run)
     if args.host:
         cluster = replace(cluster, api=replace(cluster.api, host=args.host))
     if warning := api_warning(cluster, os.environ.get(API_KEYS_ENV)):
         print(f"mlxring: warning: {warning}", file=sys.stderr)
     opts = serve_options(cluster, model, args)
-    specs = rank_specs(cluster, plan, model, "serve", opts)
     if not args.dry_run:  # plan once: `auto` memory of remote nodes is asked over ssh
-        return run_specs(specs, "serve", opts)
+        return serve_cluster(cluster, plan, model, opts)
+    specs = rank_specs(cluster, plan, model, "serve", opts)
     print(plan_table(cluster, plan, model))
     for var, content in sorted(specs[0].files.items()):
         print(f"\n{var}:\n{json.dumps(json.loads(content), indent=2)}")
@@ -72,4 +76,7 @@ def main(args: argparse.Namespace) -> int:
             "local process" if not spec.remote else f"over ssh to {spec.node.ssh or spec.node.host}"
         )
         print(f"\nrank {spec.rank} ({spec.node.name}, {where}):\n  {spec.script()}")
+        if secrets := sorted({*spec.secret_env, *spec.stdin_env}):
+            how = "on its stdin" if spec.stdin_env else "in its environment"
+            print(f"  (secrets given {how} at start, not shown: {', '.join(secrets)})")
     return 0

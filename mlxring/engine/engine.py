@@ -4,56 +4,103 @@
     handle = engine.submit(prompt_ids, SamplingParams(max_tokens=32))
     for event in handle: ...            # or `async for event in handle` (submit from a loop)
     handle.cancel()
+    engine.status()                     # the cached snapshot: every stage, live, waiting
 
 The loop runs on its own thread: it asks the scheduler for steps while fewer than
 `depth` are in flight (one per stage in pipelined mode, 1 in lockstep), runs the
 head's own layers, sends each step round the ring, and when one comes back
 samples and streams the new tokens. Other threads talk to it through a command
 queue. Without a channel the head's shard is the whole model (a single node).
+
+About once a second the loop sends a stats probe round the ring in one of the
+`depth` slots (never beyond them) and keeps what comes back as `status()`; no
+caller waits on the ring for it.
+
+Limits: `submit` refuses with `EngineBusy` when `max_waiting` requests already
+wait, and with `RequestTooLarge` a request larger than the whole KV budget; the
+scheduler admits while prompt + max_tokens summed over live sequences fits
+`max_kv_tokens`. When the ring fails, every submitted request gets exactly one
+final event (finish_reason "error") and later calls raise `RingDown`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import queue
+import re
+import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
 from mlxring.cluster.config import EngineConfig
+from mlxring.crypto.link import IntegrityError
 from mlxring.engine.detok import Detok
 from mlxring.engine.request import SamplingParams, Sequence, sample
 from mlxring.engine.scheduler import Scheduler, Step
 from mlxring.engine.stage import StageState
-from mlxring.ring.transport import Channel, ProtocolError
+from mlxring.ring.transport import Channel, PeerLost, ProtocolError
 from mlxring.shards.base import Shard
+
+STATUS_INTERVAL = 1.0  # seconds between the engine's own stats probes
+
+
+class EngineBusy(Exception):
+    """The queue of waiting requests is full (`max_waiting`): retry later (HTTP 429)."""
+
+
+class RequestTooLarge(ValueError):
+    """One request needs more KV tokens than the whole budget (`max_kv_tokens`): HTTP 400."""
+
+
+class RingDown(RuntimeError):
+    """The ring failed (or the engine was closed): no request can be served."""
 
 
 @dataclass
 class Event:
-    token: int | None  # None on the final event of a cancelled request
+    token: int | None  # None on the final event of a cancelled or failed request
     text: str  # new text (held back while it could be the start of a stop string)
-    finish_reason: str | None = None  # set on the last event: "stop" | "length" | "cancelled"
+    # set on the last event: "stop" | "length" | "cancelled" | "error"
+    finish_reason: str | None = None
+    error: str | None = None  # with "error": what went down (names the node where known)
 
 
 class Handle:
-    """A submitted request: iterate (sync or async) over its events; cancel() stops it."""
+    """A submitted request: iterate (sync or async) over its events; cancel() stops it.
+
+    It gets exactly one final event (one with a finish_reason); nothing comes after it.
+    """
 
     def __init__(self, engine: Engine, seq: Sequence, loop: asyncio.AbstractEventLoop | None):
         self.engine, self.seq, self.loop = engine, seq, loop
         self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        self._lock = threading.Lock()
+        self.done = False  # the final event is pushed
+        self._cancelled = False
 
-    def push(self, event: Event) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        else:
-            self._queue.put(event)
+    def push(self, event: Event) -> bool:
+        """Queue `event` for the consumer; False (dropped) once the final event is out."""
+        with self._lock:  # queued under the lock: nothing can slip in after the final event
+            if self.done:
+                return False
+            self.done = event.finish_reason is not None
+            if self.loop is None:
+                self._queue.put(event)
+            else:  # a closed loop: nobody is listening any more
+                with contextlib.suppress(RuntimeError):
+                    self.loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        return True
 
     def cancel(self) -> None:
+        if self._cancelled or self.done:
+            return
+        self._cancelled = True
         self.engine.commands.put(("cancel", self.seq))
 
     def __iter__(self):
@@ -71,11 +118,19 @@ class Handle:
                 return
 
 
+class _Probe:
+    """A stats message in flight; `covers`: the stats() requests its answer serves."""
+
+    def __init__(self, covers: int):
+        self.covers = covers
+
+
 class Engine:
     """The head's loop over the ring: `submit` requests from any thread, `close` to stop.
 
     `channel` leads to the other stages (a `Channel` over the ring, or `LocalStages`
-    in this process); None when the head's shard holds every layer.
+    in this process); None when the head's shard holds every layer. `node_names`
+    (ring order, head first) lets failures name the node instead of its rank.
     """
 
     def __init__(
@@ -84,21 +139,47 @@ class Engine:
         channel: Channel | None,
         tokenizer,
         config: EngineConfig | None = None,
+        node_names: list[str] | None = None,
+        status_interval: float = STATUS_INTERVAL,
     ):
         self.shard, self.channel, self.tokenizer = shard, channel, tokenizer
         self.config = config = config or EngineConfig()
+        self.node_names = list(node_names or [])
+        self.status_interval = status_interval
         self.state = StageState(shard)
         stages = channel.num_stages if channel is not None else 1
         self.depth = stages if config.mode == "pipelined" else 1
         self.scheduler = Scheduler(
-            config.max_batch, config.prefill_chunk, self.depth, config.prefill_batch
+            config.max_batch,
+            config.prefill_chunk,
+            self.depth,
+            config.prefill_batch,
+            max_kv_tokens=config.max_kv_tokens,
         )
         self.commands: queue.Queue = queue.Queue()
+        # shared with other threads, under _lock: the error, the requests not yet finished,
+        # the stats snapshot and the stats() requests it serves
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.error: BaseException | None = None
+        self.failure: str | None = None  # the error in words, naming the node where known
+        self._closing = False
+        self._stopped = False
+        self._open: dict[int, Handle] = {}
+        self._submitted = 0
+        self._status = {"stages": [], "live": 0, "waiting": 0, "updated": 0.0}
+        self._stats_asked = 0  # stats() requests so far
+        self._stats_served = 0  # of them, those a landed probe has answered
+        # the engine thread's own
         self.handles: dict[int, Handle] = {}
         self.detoks: dict[int, Detok] = {}
-        self.error: BaseException | None = None
-        self.in_flight: deque = deque()
+        self.in_flight: deque[Step | _Probe] = deque()
         self.steps_done = 0
+        self._probe_out = False  # a probe is in flight (at most one)
+        self._probe_covers = 0  # stats() requests covered by the probes launched so far
+        self._probe_due_since = 0  # steps launched ahead of a due probe
+        self._asked_seen = 0  # stats() requests the loop has seen
+        self._last_probe = -float("inf")  # monotonic time the last probe landed
         self.step_timeout = config.step_timeout
         self.last_progress = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -108,12 +189,13 @@ class Engine:
 
     def _watchdog(self) -> None:
         """A rank that stops answering (frozen, SIGSTOP) blocks the ring's receive forever,
-        which cannot be interrupted: after `step_timeout` the ring is declared down and every
-        request fails (the API answers 503) instead of hanging."""
+        which cannot be interrupted: after `step_timeout` with requests waiting on the ring
+        it is declared down and every request fails (the API answers 503) instead of
+        hanging. A stats probe alone (an idle ring, ranks still loading) fails nothing."""
         while self.error is None and self.thread.is_alive():
             time.sleep(min(1.0, self.step_timeout / 4))
             stalled = time.monotonic() - self.last_progress
-            if self.in_flight and stalled > self.step_timeout:
+            if self.in_flight and self._open and stalled > self.step_timeout:
                 self._fail(
                     TimeoutError(
                         f"no answer from the ring for {stalled:.0f} s "
@@ -121,10 +203,36 @@ class Engine:
                     )
                 )
 
+    def describe(self, error: BaseException) -> str:
+        """`error` in words, with "rank N" turned into "node 'name' (rank N)"."""
+        text = str(error) or type(error).__name__
+        if not isinstance(error, (ConnectionError, TimeoutError, ProtocolError)):
+            text = f"{type(error).__name__}: {text}"
+
+        def name(match: re.Match) -> str:
+            rank = int(match[1])
+            if rank < len(self.node_names):
+                return f"node {self.node_names[rank]!r} (rank {rank})"
+            return match[0]
+
+        return re.sub(r"\brank (\d+)\b", name, text)
+
     def _fail(self, error: BaseException) -> None:
-        self.error = error
-        for handle in list(self.handles.values()):
-            handle.push(Event(None, "", "error"))
+        """The ring is down: every open request gets its error event, every waiter wakes."""
+        with self._changed:
+            if self.error is None:
+                self.error, self.failure = error, self.describe(error)
+            handles = list(self._open.values())
+            self._open.clear()
+            self._changed.notify_all()
+        for handle in handles:
+            handle.push(Event(None, "", "error", self.failure))
+
+    def _down(self) -> RingDown:
+        """What calls raise once the engine cannot serve: under `_lock`."""
+        if self.error is not None:
+            return RingDown(f"the ring is down: {self.failure}")
+        return RingDown("the engine is closed")
 
     # API (any thread) -------------------------------------------------------
     def submit(
@@ -133,28 +241,81 @@ class Engine:
         params: SamplingParams | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Handle:
-        """Queue a request; with `loop`, its events are for `async for` on that loop."""
-        if self.error is not None:
-            raise RuntimeError(f"the ring is down: {self.error}")
+        """Queue a request; with `loop`, its events are for `async for` on that loop.
+
+        Raises RingDown (the ring failed, or the engine is closed), RequestTooLarge
+        (prompt + max_tokens exceed the whole KV budget), EngineBusy (`max_waiting`
+        requests wait already: retry later), ValueError (an empty prompt).
+        """
         params = params or SamplingParams()
         if params.max_tokens is None:
             params = replace(params, max_tokens=self.config.max_tokens)
         stop_ids = frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
         seq = Sequence(list(prompt), params, stop_ids)
+        budget = self.config.max_kv_tokens
+        if seq.kv_tokens > budget:
+            raise RequestTooLarge(
+                f"the request needs {seq.kv_tokens} KV tokens (a {len(seq.prompt)}-token prompt "
+                f"+ max_tokens {params.max_tokens}), more than the engine's whole KV budget "
+                f"({budget}, batching.max_kv_tokens): shorten the prompt or lower max_tokens"
+            )
         handle = Handle(self, seq, loop)
-        self.commands.put(("add", handle))
+        with self._lock:
+            if self.error is not None or self._closing:
+                raise self._down()
+            if self.waiting >= self.config.max_waiting:
+                raise EngineBusy(
+                    f"the queue is full ({self.config.max_waiting} requests waiting): retry later"
+                )
+            if not self._open:  # the watchdog times the ring from the first request on
+                self.last_progress = time.monotonic()
+            self._open[seq.id] = handle
+            self._submitted += 1
+            self.commands.put(("add", handle))
         return handle
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted into the batch (any thread)."""
+        return self._submitted - self.scheduler.left_waiting
+
+    def status(self) -> dict:
+        """The engine's latest snapshot, from its own cache (never a ring round trip):
+        {"stages": [StageState.stats() of every stage, head first], "live": sequences in
+        the batch, "waiting": requests queued, "updated": unix time of the snapshot}.
+        Refreshed about once a second while the engine runs; "stages" is [] until the
+        first answer, and "updated" stops moving while the ring does not answer."""
+        with self._lock:
+            return copy.deepcopy(self._status)
+
     def stats(self, timeout: float = 30) -> list[dict]:
-        """Every stage's live sequences and cache bytes, head first (a message round the ring)."""
-        future: Future = Future()
-        self.commands.put(("stats", future))
-        return future.result(timeout)
+        """Every stage's stats, head first, from a snapshot taken after this call (once the
+        cleanup of every request finished before it has gone round). Raises RingDown if
+        the ring fails or the engine stops, TimeoutError if no snapshot comes in time."""
+        with self._changed:
+            if self.error is not None or self._stopped:
+                raise self._down()
+            self._stats_asked += 1
+            ticket = self._stats_asked
+            self.commands.put(("wake", None))
+            answered = self._changed.wait_for(
+                lambda: self._stats_served >= ticket or self.error is not None or self._stopped,
+                timeout,
+            )
+            if self._stats_served >= ticket:
+                return copy.deepcopy(self._status["stages"])
+            if not answered:
+                raise TimeoutError(f"the ring sent no stats within {timeout:g} s")
+            raise self._down()
 
     def close(self) -> None:
-        """Finish what is in flight, stop every stage, end the loop."""
-        self.commands.put(("close", None))
-        self.thread.join()
+        """Finish every request submitted (cancel them first to stop sooner), stop every
+        stage, end the loop; later submits raise RingDown. With the ring down the loop may
+        be stuck in a receive: it is not waited for."""
+        with self._lock:
+            self._closing = True
+            self.commands.put(("close", None))
+        self.thread.join(None if self.error is None else 5.0)
 
     # the loop (engine thread) ----------------------------------------------
     def _command(self, block: bool) -> bool:
@@ -170,37 +331,73 @@ class Engine:
             self.scheduler.cancel(arg)
             if arg.finished and arg.id in self.handles and arg.id not in self.scheduler.busy_seqs:
                 self._finish(arg)
-        elif kind == "stats":
-            self._send_stats(arg)
         elif kind == "close":
             return False
-        return True
+        return True  # "wake": a stats() request, seen by _probe_wanted
 
     def _run(self) -> None:
         try:
             running = True
-            while running or self.in_flight:
+            while running or self.in_flight or not self.scheduler.idle:  # close drains
                 while running:  # take commands; wait for one only when there is no work
-                    idle = not self.in_flight and self.scheduler.idle
+                    idle = not self.in_flight and self.scheduler.idle and not self._probe_wanted()
                     if self.commands.empty() and not idle:
                         break
                     running = self._command(block=idle)
+                if self.error is not None:  # declared down (watchdog): the ring is not ours
+                    return
                 if not self.in_flight:
                     self.last_progress = time.monotonic()
-                while len(self.in_flight) < self.depth and (step := self.scheduler.next_step()):
-                    self._launch(step)
-                if self.in_flight:  # the oldest step comes back first (the ring is FIFO)
+                self._fill(running)
+                if self.in_flight:  # the oldest message comes back first (the ring is FIFO)
                     self._land(self.in_flight[0])
                     self.in_flight.popleft()
             if self.channel is not None:
                 self.channel.send({"op": "stop"})
                 self.channel.recv()
                 self.channel.flush()
-        except BaseException as e:  # the ring is down: fail every request, loudly
+        except (PeerLost, IntegrityError, ProtocolError) as e:  # the ring failed: say so, once
+            self._fail(e)
+            print(f"mlxring: the ring failed: {self.failure}", file=sys.stderr, flush=True)
+        except BaseException as e:  # a bug: fail every request, loudly
             self._fail(e)
             raise
         finally:
+            with self._changed:
+                self._stopped = True
+                self._changed.notify_all()
             mx.clear_streams()  # this thread's streams: left alive they abort the process at exit
+
+    def _probe_wanted(self, running: bool = True) -> bool:
+        """A stats probe should go: stats() asked for one, or the snapshot is a second old."""
+        if self._probe_out:
+            return False
+        if self._stats_asked > self._probe_covers:
+            return True
+        return running and time.monotonic() - self._last_probe >= self.status_interval
+
+    def _fill(self, running: bool) -> None:
+        """Launch steps and probes while fewer than `depth` are in flight. A due probe goes
+        when the scheduler has nothing to send (so the cleanup of finished requests goes
+        first), or once `depth` steps went ahead of it (so a busy ring still reports)."""
+        while len(self.in_flight) < self.depth:
+            wanted = self._probe_wanted(running)
+            if not wanted or self._asked_seen != self._stats_asked:
+                self._probe_due_since = 0  # a new stats() request: cleanup goes first
+                self._asked_seen = self._stats_asked
+            if wanted and self._probe_due_since >= self.depth:
+                self._send_probe()
+            elif step := self.scheduler.next_step():
+                if not self.in_flight or all(isinstance(p, _Probe) for p in self.in_flight):
+                    self.last_progress = time.monotonic()  # time this step, not a stuck probe
+                self._launch(step)
+                self._probe_due_since += wanted
+            elif wanted:
+                self._send_probe()
+            else:
+                return
+            if self.channel is None:  # one step at a time: commands are taken between steps
+                return
 
     def _inputs(self, step: Step) -> dict[str, mx.array] | None:
         if not step.seqs:
@@ -220,13 +417,38 @@ class Engine:
         self.state.record(time.perf_counter() - started)
         self.in_flight.append(step)
 
-    def _land(self, pending: Step | Future) -> None:
+    def _send_probe(self) -> None:
+        with self._lock:
+            probe = _Probe(self._stats_asked)
+        self._probe_covers, self._probe_due_since = probe.covers, 0
+        if self.channel is None:
+            self._snapshot(probe, [])
+            return
+        self._probe_out = True
+        self.channel.send({"op": "stats", "stages": []})
+        self.in_flight.append(probe)
+
+    def _snapshot(self, probe: _Probe, later_stages: list[dict]) -> None:
+        status = {
+            "stages": [self.state.stats(), *later_stages],
+            "live": self.scheduler.live,
+            "waiting": self.waiting,
+            "updated": time.time(),
+        }
+        self._last_probe = time.monotonic()
+        with self._changed:
+            self._status = status
+            self._stats_served = max(self._stats_served, probe.covers)
+            self._changed.notify_all()
+
+    def _land(self, pending: Step | _Probe) -> None:
         meta, x = self.channel.recv()
         self.last_progress = time.monotonic()
-        if isinstance(pending, Future):
+        if isinstance(pending, _Probe):
             if meta.get("op") != "stats":
                 raise ProtocolError(f"expected stats back, got {meta.get('op')}")
-            pending.set_result([self.state.stats(), *meta["stages"]])
+            self._probe_out = False
+            self._snapshot(pending, meta["stages"])
             return
         if meta.get("op") != "step" or self.channel.received_micro_batch != pending.micro_batch:
             raise ProtocolError(f"expected step {pending.micro_batch} back, got {meta}")
@@ -257,10 +479,5 @@ class Engine:
     def _forget(self, seq: Sequence) -> None:
         self.handles.pop(seq.id, None)
         self.detoks.pop(seq.id, None)
-
-    def _send_stats(self, future: Future) -> None:
-        if self.channel is None:
-            future.set_result([self.state.stats()])
-            return
-        self.channel.send({"op": "stats", "stages": []})
-        self.in_flight.append(future)
+        with self._lock:
+            self._open.pop(seq.id, None)

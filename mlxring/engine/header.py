@@ -32,20 +32,46 @@ class StepHeader:
         return {"op": "step", **asdict(self)}
 
     @classmethod
-    def from_wire(cls, meta: dict) -> StepHeader:
-        """The header of a step message; ProtocolError if it is not one."""
-        try:
-            header = cls(
-                kind=meta["kind"],
-                seqs=tuple(meta["seqs"]),
-                micro_batch=int(meta["micro_batch"]),
-                new=tuple(meta["new"]),
-                admit=tuple(meta["admit"]),
-                evict=tuple(meta["evict"]),
-                drop=tuple(meta["drop"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"malformed step header {meta} ({e})") from None
-        if header.kind not in ("prefill", "decode"):
-            raise ProtocolError(f"unknown step kind {header.kind!r}")
-        return header
+    def from_wire(cls, meta: object) -> StepHeader:
+        """The header of a step message; ProtocolError if it is not one (whatever `meta` is:
+        it comes off the wire)."""
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"malformed step header: expected an object, got {_kind(meta)}")
+        kind = meta.get("kind")
+        if kind not in ("prefill", "decode"):
+            shown = repr(kind)[:40] if isinstance(kind, str) else _kind(kind)
+            raise ProtocolError(f"unknown step kind {shown}")
+        return cls(
+            kind=kind,
+            seqs=_ids(meta, "seqs"),
+            micro_batch=_int(meta, "micro_batch"),
+            new=_ids(meta, "new"),
+            admit=_ids(meta, "admit"),
+            evict=_ids(meta, "evict"),
+            drop=_ids(meta, "drop"),
+        )
+
+
+def _kind(value: object) -> str:
+    """What a malformed field holds, named by its type (never its possibly huge value)."""
+    return "nothing" if value is None else type(value).__name__
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _int(meta: dict, name: str) -> int:
+    value = meta.get(name)
+    if not _is_int(value):
+        raise ProtocolError(f"malformed step header: {name} is {_kind(value)}, not an integer")
+    return value
+
+
+def _ids(meta: dict, name: str) -> tuple[int, ...]:
+    value = meta.get(name)
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+        raise ProtocolError(
+            f"malformed step header: {name} is {_kind(value)}, not a list of integers"
+        )
+    return tuple(value)

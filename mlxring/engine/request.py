@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 _ids = itertools.count(1)
+SEED_LIMIT = 2**64  # seeds are unsigned 64-bit (mx.random.key's range)
 
 
 @dataclass
@@ -17,7 +19,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 is greedy
     top_p: float = 1.0
     top_k: int = 0
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh random seed per request; a given one repeats
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
@@ -26,6 +28,12 @@ class SamplingParams:
             raise ValueError("max_tokens must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("temperature >= 0, 0 < top_p <= 1 and top_k >= 0 are required")
+        if self.seed is not None and (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not 0 <= self.seed < SEED_LIMIT
+        ):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
 
 @dataclass
@@ -46,12 +54,19 @@ class Sequence:
         if not self.prompt:
             raise ValueError("the prompt is empty")
         if self.params.temperature > 0:
-            seed = self.params.seed if self.params.seed is not None else self.id * 7919
+            seed = self.params.seed
+            if seed is None:  # unpredictable: one request's samples say nothing of another's
+                seed = secrets.randbits(64)
             self.key = mx.random.key(seed)
 
     @property
     def prefill_done(self) -> bool:
         return self.prefilled >= len(self.prompt) - 1  # the last prompt token decodes first
+
+    @property
+    def kv_tokens(self) -> int:
+        """The most cache positions it can take: its prompt plus max_tokens."""
+        return len(self.prompt) + (self.params.max_tokens or 0)
 
     @property
     def finished(self) -> bool:

@@ -10,6 +10,10 @@ step feeds the last prompt token (as mlx-lm's generate_step does). Groups are
 disjoint and have at most one step in flight, so with one group per stage every
 stage can work on a different group at once (pipelining); one group is lockstep.
 
+Admission is FIFO and holds while `max_batch` sequences are live, or while the
+next one's prompt + max_tokens would take the live sequences' sum past
+`max_kv_tokens` (the KV budget); the head of the queue is never skipped.
+
 Membership changes ride on the step headers, so every stage applies them to its
 own caches in the same order: `admit` (prefilled sequences joining a group),
 `evict` (finished or cancelled members), `drop` (cancelled during prefill).
@@ -50,10 +54,21 @@ class Step:
 
 
 class Scheduler:
-    """FIFO admission up to `max_batch` live sequences; chunked prefill between decode steps."""
+    """FIFO admission up to `max_batch` live sequences and `max_kv_tokens` (prompt +
+    max_tokens summed over them; None: no budget); chunked prefill between decode steps."""
 
-    def __init__(self, max_batch: int, prefill_chunk: int, num_groups: int, prefill_batch: int = 1):
+    def __init__(
+        self,
+        max_batch: int,
+        prefill_chunk: int,
+        num_groups: int,
+        prefill_batch: int = 1,
+        max_kv_tokens: int | None = None,
+    ):
         self.max_batch, self.prefill_chunk, self.num_groups = max_batch, prefill_chunk, num_groups
+        self.max_kv_tokens = max_kv_tokens
+        self.kv_tokens = 0  # prompt + max_tokens summed over the live sequences
+        self.left_waiting = 0  # sequences that ever left `waiting` (admitted or cancelled)
         # sequences prefilled together at most: batching prompts at the same point sped up the
         # torch CPU ring but slowed the MLX CPU ring (bench/RESULTS.md), so it is off by default
         self.prefill_batch = prefill_batch
@@ -74,6 +89,11 @@ class Scheduler:
         return len(self.prefilling) + members
 
     def add(self, seq: Sequence) -> None:
+        if self.max_kv_tokens is not None and seq.kv_tokens > self.max_kv_tokens:
+            raise ValueError(
+                f"sequence {seq.id} needs {seq.kv_tokens} KV tokens, "
+                f"more than the whole budget ({self.max_kv_tokens})"
+            )
         self.waiting.append(seq)
 
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
@@ -83,9 +103,11 @@ class Scheduler:
         seq.finish_reason = reason
         if seq in self.waiting:
             self.waiting.remove(seq)
+            self.left_waiting += 1
         elif seq in self.prefilling and seq.id not in self.busy_seqs:
             self.prefilling.remove(seq)
             self.to_drop.append(seq.id)
+            self._release(seq)
         elif seq.group is not None and seq.id not in self.busy_seqs:
             self._leave_group(seq)
         # in flight: complete() finishes the job
@@ -95,18 +117,30 @@ class Scheduler:
         if seq in pending:  # never reached the stages' group: drop its prefill caches
             pending.remove(seq)
             self.to_drop.append(seq.id)
+            self._release(seq)
         elif seq in self.groups[seq.group]:
             self.groups[seq.group].remove(seq)
             self.to_evict[seq.group].append(seq.id)
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """`seq` is no longer live: its share of the KV budget is free again."""
+        self.kv_tokens -= seq.kv_tokens
 
     def _join_group(self, seq: Sequence) -> None:
         sizes = [len(g) + len(a) for g, a in zip(self.groups, self.to_admit)]
         seq.group = min(range(self.num_groups), key=lambda m: (sizes[m], m))
         self.to_admit[seq.group].append(seq)
 
+    def _fits(self, seq: Sequence) -> bool:
+        budget = self.max_kv_tokens
+        return budget is None or self.kv_tokens + seq.kv_tokens <= budget
+
     def _admit_waiting(self) -> None:
-        while self.waiting and self.live < self.max_batch:
+        while self.waiting and self.live < self.max_batch and self._fits(self.waiting[0]):
             seq = self.waiting.popleft()
+            self.left_waiting += 1
+            self.kv_tokens += seq.kv_tokens
             if seq.prefill_done:  # a one-token prompt: nothing to prefill
                 self._join_group(seq)
             else:
@@ -121,6 +155,10 @@ class Scheduler:
             step = self._prefill_step(prefill)
         elif decode is not None:
             step = self._decode_step(decode)
+        elif self.to_drop and len(self.busy_groups) < self.num_groups:
+            # drops ride on any step; with none to send, on an empty step of a free group
+            free = next(m for m in range(self.num_groups) if m not in self.busy_groups)
+            step = self._decode_step(free)
         else:
             return None
         self._last_prefill = step.kind == "prefill"
@@ -179,6 +217,7 @@ class Scheduler:
                 if seq.finished:  # cancelled while in flight
                     self.prefilling.remove(seq)
                     self.to_drop.append(seq.id)
+                    self._release(seq)
                 elif seq.prefill_done:
                     self.prefilling.remove(seq)
                     self._join_group(seq)

@@ -6,6 +6,7 @@ widened on the wire.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import mlx.core as mx
@@ -15,6 +16,8 @@ DTYPES = {0: mx.float32, 1: mx.float16, 2: mx.bfloat16, 3: mx.int32, 4: mx.uint8
 CODES = {dtype: code for code, dtype in DTYPES.items()}
 _HEAD = struct.Struct("<BB")  # dtype code, ndim; then ndim x uint32 dims
 MAX_NDIM = 8
+MAX_DIM = 2**31 - 1  # mlx shapes are int32
+MAX_ELEMENTS = 2**31 - 1  # per tensor; the data must be in the buffer anyway
 
 
 class CodecError(ValueError):
@@ -73,7 +76,10 @@ def decode(buf: bytes | memoryview) -> mx.array:
         raise CodecError("activation shape is truncated")
     shape = struct.unpack_from(f"<{ndim}I", buf, _HEAD.size)
     dtype = DTYPES[code]
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.size
+    elements = math.prod(shape)  # exact: a product that wraps could match a short buffer
+    if max(shape, default=0) > MAX_DIM or elements > MAX_ELEMENTS:
+        raise CodecError(f"activation of shape {shape} is too large")
+    nbytes = elements * dtype.size
     if len(buf) - offset != nbytes:
         raise CodecError(
             f"activation of shape {shape} needs {nbytes} bytes, got {len(buf) - offset}"

@@ -1,91 +1,177 @@
 """The OpenAI-compatible endpoints, over the head's engine.
 
 POST /v1/chat/completions, POST /v1/completions (streamed over SSE or not),
-GET /v1/models, GET /health (each rank's state), GET /metrics (Prometheus).
-Errors use OpenAI's JSON shape. A client that disconnects cancels its request.
+GET /v1/models, GET /v1/status (the engine's snapshot), GET /metrics (Prometheus),
+GET /health (keyless liveness). Every error is OpenAI's error JSON (errors.py), and
+`errors.Guard` checks Host, key, content type and body size before any route runs.
+A client that disconnects cancels its request, streamed or not. Prompts are tokenized
+off the event loop. No HTTP call makes a round trip of the ring: the engine keeps its
+own status snapshot.
+
+No `from __future__ import annotations` here: FastAPI reads the annotations of the
+routes, whose request models `create_app` makes for the model's vocabulary.
 """
 
-from __future__ import annotations
-
 import asyncio
-import hmac
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic.json_schema import models_json_schema
 
-from mlxring.engine.engine import Engine
+from mlxring.engine.engine import Engine, EngineBusy, RequestTooLarge, RingDown
 from mlxring.engine.request import SamplingParams
+from mlxring.server.errors import (
+    HANDLED,
+    INVALID,
+    RETRY_BUSY,
+    SERVER,
+    ApiError,
+    Guard,
+    error_body,
+    openai_error,
+    ring_down,
+)
 from mlxring.server.metrics import Metrics
-from mlxring.server.schemas import ChatRequest, CompletionRequest
+from mlxring.server.schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    ErrorResponse,
+    Health,
+    ModelList,
+    Status,
+    request_models,
+)
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+ENDPOINTS = {CHAT: "chat", COMPLETIONS: "completions"}  # the `endpoint` label of requests
+PUBLIC = ("/health",)  # everything else needs the key when keys are set
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+_ERRORS = {
+    400: "Malformed JSON or an invalid field",
+    401: "No API key, or a wrong one (when the server has keys)",
+    403: "A Host the server does not answer (without API keys: its own address, IP "
+    "addresses and localhost only)",
+    404: "The model is not the one served",
+    413: "The body is larger than the server's limit",
+    415: "The body is not sent as application/json",
+    429: "The queue is full: retry after Retry-After seconds",
+    500: "An unexpected error (the message holds no internals)",
+    503: "The ring is down: retry after Retry-After seconds",
+}
+_RETRY = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
 
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str,
-        code: str | None = None,
-        param: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = (
-            status,
-            message,
-            kind,
-            code,
-            param,
-        )
+def documented(*codes: int, ok: dict) -> dict:
+    """A route's `responses`: `ok` for 200, the error JSON for each of `codes`."""
+    out: dict = {200: ok}
+    for code in codes:
+        out[code] = {"model": ErrorResponse, "description": _ERRORS[code]}
+        if code in (429, 503):
+            out[code]["headers"] = _RETRY
+    return out
 
 
-def error_body(message: str, kind: str, code: str | None = None, param: str | None = None):
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+def _sse(chunk: str) -> dict:
+    """The text/event-stream answer, described one event at a time."""
+    ref = f"#/components/schemas/{chunk}"
+    return {
+        "schema": {
+            "description": f"With `stream: true`: server-sent events, each `data: <{chunk} "
+            "JSON>`, then `data: [DONE]`; a failure once streaming is a `data:` event with "
+            "the error JSON.",
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "anyOf": [
+                        {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {
+                                "anyOf": [
+                                    {"$ref": ref},
+                                    {"$ref": "#/components/schemas/ErrorResponse"},
+                                ]
+                            },
+                        },
+                        {"const": "[DONE]"},
+                    ]
+                }
+            },
+        }
+    }
 
 
 def create_app(
-    engine: Engine, tokenizer, model_name: str, context_length: int, api_keys: tuple[str, ...] = ()
+    engine: Engine,
+    tokenizer,
+    model_name: str,
+    context_length: int,
+    api_keys: tuple[str, ...] = (),
+    *,
+    vocab_size: int | None = None,
+    max_body_bytes: int = 1 << 20,
+    host: str = "127.0.0.1",
+    allowed_hosts: tuple[str, ...] = (),
 ) -> FastAPI:
-    """The app for one model served by `engine` (whose tokenizer renders prompts)."""
-    app = FastAPI(title="mlxring", description="OpenAI-compatible API of an mlxring cluster.")
+    """The app for one model served by `engine` (whose tokenizer renders prompts).
+
+    `vocab_size` bounds the token ids a prompt may hold (the embedding's rows; by default
+    the tokenizer's size); `host` is the address the API is bound to, which (with
+    `allowed_hosts`, localhost and IP addresses) is the Host it answers without keys.
+    """
+    app = FastAPI(
+        title="mlxring",
+        version="1",
+        description="OpenAI-compatible API of an mlxring cluster.",
+    )
     metrics = Metrics()
-    keys = [k.encode() for k in api_keys]
+    vocab = vocab_size or len(tokenizer.get_vocab())
+    ChatRequest, CompletionRequest = request_models(vocab)
+    # One thread: a fast tokenizer is not safe to call from several at once, and the
+    # event loop must never wait for a long prompt's tokenizing or template.
+    tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError):
-        return JSONResponse(error_body(e.message, e.kind, e.code, e.param), status_code=e.status)
+    for kind in HANDLED:
+        app.add_exception_handler(kind, openai_error)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"invalid request: {where + ': ' if where else ''}{first.get('msg', e)}"
-        return JSONResponse(error_body(message, "invalid_request_error", None, where), 400)
+    def count(path: str, status: int) -> None:
+        metrics.errors.labels(str(status)).inc()
+        if path in ENDPOINTS:
+            metrics.requests.labels(ENDPOINTS[path], str(status)).inc()
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if keys and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            token = given[7:].encode() if given.lower().startswith("bearer ") else b""
-            # compare with every key, in constant time each, whatever matches
-            if not any([hmac.compare_digest(token, k) for k in keys]):
-                body = error_body("invalid API key", "invalid_request_error", "invalid_api_key")
-                return JSONResponse(body, status_code=401)
-        return await call_next(request)
+    app.add_middleware(
+        Guard,
+        keys=api_keys,
+        public=PUBLIC,
+        json_posts=tuple(ENDPOINTS),
+        max_body_bytes=max_body_bytes,
+        hosts=(*LOOPBACK, host, *allowed_hosts),
+        count=count,
+    )
 
     def check_model(name: str) -> None:
         if name != model_name:
             raise ApiError(
                 404,
                 f"the model {name!r} does not exist; this server serves {model_name!r}",
-                "invalid_request_error",
+                INVALID,
                 "model_not_found",
                 "model",
             )
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenize, fn, *args)
 
     def submit(prompt: list[int], body, max_tokens: int | None):
         if len(prompt) + (max_tokens or 0) > context_length or len(prompt) >= context_length:
@@ -93,20 +179,33 @@ def create_app(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens or 0}) "
                 f"exceeds the context length ({context_length})"
             )
-            raise ApiError(
-                400, message, "invalid_request_error", "context_length_exceeded", "messages"
-            )
+            raise ApiError(400, message, INVALID, "context_length_exceeded", "messages")
         if engine.error is not None:
-            raise ApiError(503, f"the ring is down: {engine.error}", "server_error", "ring_down")
+            raise ring_down(engine.failure)
+        temperature, top_p = body.sampling
         params = SamplingParams(
             max_tokens=max_tokens or min(engine.config.max_tokens, context_length - len(prompt)),
-            temperature=body.temperature,
-            top_p=body.top_p,
+            temperature=temperature,
+            top_p=top_p,
             seed=body.seed,
             stop=body.stops,
         )
+        try:
+            handle = engine.submit(prompt, params, loop=asyncio.get_running_loop())
+        except EngineBusy as e:
+            raise ApiError(
+                429,
+                "the server is busy (its queue is full); retry shortly",
+                INVALID,
+                "server_busy",
+                headers={"Retry-After": str(RETRY_BUSY)},
+            ) from e
+        except RequestTooLarge as e:
+            raise ApiError(400, str(e), INVALID, "request_too_large", "max_tokens") from e
+        except RingDown as e:
+            raise ring_down(engine.failure) from e
         metrics.prompt_tokens.inc(len(prompt))
-        return engine.submit(prompt, params, loop=asyncio.get_running_loop())
+        return handle
 
     async def events(handle, request: Request):
         """The request's events; cancels it if the client goes away."""
@@ -116,9 +215,7 @@ def create_app(
         try:
             async for event in handle:
                 if event.finish_reason == "error":
-                    raise ApiError(
-                        503, f"the ring is down: {engine.error}", "server_error", "ring_down"
-                    )
+                    raise ring_down(event.error or engine.failure)
                 if event.token is not None:
                     now = time.perf_counter()
                     (metrics.ttft if first else metrics.token_latency).observe(
@@ -147,7 +244,6 @@ def create_app(
         }
 
     async def respond(request: Request, body, prompt: list[int], max_tokens, chat: bool):
-        check_model(body.model)
         handle = submit(prompt, body, max_tokens)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -169,7 +265,7 @@ def create_app(
                 texts.append(event.text)
                 count += event.token is not None
                 reason = event.finish_reason or reason
-            metrics.requests.labels(endpoint, "200").inc()
+            metrics.requests.labels(endpoint, "cancelled" if reason == "cancelled" else "200").inc()
             return {
                 "id": rid,
                 "object": kind,
@@ -197,60 +293,164 @@ def create_app(
                 metrics.requests.labels(endpoint, "200").inc()
             except ApiError as e:
                 yield f"data: {json.dumps(error_body(e.message, e.kind, e.code))}\n\n"
+            except Exception as e:  # headers are sent: the error goes in the stream
+                await openai_error(request, e)  # logs it
+                err = error_body("internal server error", SERVER, "internal_error")
+                yield f"data: {json.dumps(err)}\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions", summary="Chat completion (streamed over SSE or not)")
+    post_errors = (400, 401, 403, 404, 413, 415, 429, 500, 503)
+
+    @app.post(
+        CHAT,
+        summary="Chat completion (streamed over SSE or not)",
+        responses=documented(
+            *post_errors,
+            ok={
+                "model": ChatCompletion,
+                "description": "The completion, or with `stream: true` its chunks over SSE",
+                "content": {"text/event-stream": _sse("ChatCompletionChunk")},
+            },
+        ),
+    )
     async def chat_completions(request: Request, body: ChatRequest):
+        check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+        def render() -> list[int]:
+            try:
+                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            except TemplateError as e:  # the template's own complaint, for the client
+                raise ApiError(
+                    400, f"the chat template rejects the messages: {e}", INVALID, None, "messages"
+                ) from e
+
+        prompt = await off_loop(render)
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await respond(request, body, prompt, max_tokens, chat=True)
 
-    @app.post("/v1/completions", summary="Text completion (streamed over SSE or not)")
+    @app.post(
+        COMPLETIONS,
+        summary="Text completion (streamed over SSE or not)",
+        responses=documented(
+            *post_errors,
+            ok={
+                "model": Completion,
+                "description": "The completion, or with `stream: true` its chunks over SSE",
+                "content": {"text/event-stream": _sse("CompletionChunk")},
+            },
+        ),
+    )
     async def completions(request: Request, body: CompletionRequest):
-        prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompt = await off_loop(tokenizer.encode, prompt)
         if not prompt:
-            raise ApiError(400, "the prompt is empty", "invalid_request_error", None, "prompt")
+            raise ApiError(400, "the prompt is empty", INVALID, None, "prompt")
         return await respond(request, body, list(prompt), body.max_tokens, chat=False)
 
-    @app.get("/v1/models", summary="The model this cluster serves")
+    @app.get(
+        "/v1/models",
+        summary="The model this cluster serves",
+        responses=documented(401, 403, 500, ok={"model": ModelList, "description": "The list"}),
+    )
     async def models():
         return {
             "object": "list",
             "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "mlxring"}],
         }
 
-    async def ring_stats() -> list[dict]:
-        if engine.error is not None:
-            raise ApiError(503, f"the ring is down: {engine.error}", "server_error", "ring_down")
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, engine.stats, 10)
-        except Exception as e:
-            raise ApiError(
-                503, f"the ring does not answer: {e}", "server_error", "ring_down"
-            ) from e
+    def snapshot() -> dict:
+        return {"stages": [], "live": 0, "waiting": 0, **engine.status()}
 
-    @app.get("/health", summary="Each rank's state")
-    async def health():
-        stages = await ring_stats()
-        ranks = [{"rank": i, **s, "state": "ok"} for i, s in enumerate(stages)]
+    @app.get(
+        "/v1/status",
+        summary="The ring's state: each stage's layers, live sequences, cache bytes, step time",
+        responses=documented(
+            401, 403, 500, ok={"model": Status, "description": "The engine's snapshot"}
+        ),
+    )
+    async def status():
+        error = engine.error
         return {
-            "status": "ok",
             "model": model_name,
-            "ranks": ranks,
-            "queue_depth": len(engine.scheduler.waiting),
+            "status": "ok" if error is None else "down",
+            "error": None if error is None else engine.failure,
+            **snapshot(),
         }
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get(
+        "/health",
+        summary="Liveness (no key needed): 200 while the ring is up, 503 while it is down",
+        responses=documented(403, 500, 503, ok={"model": Health, "description": "Up"}),
+    )
+    async def health():
+        if engine.error is not None:
+            raise ring_down()
+        return {"status": "ok"}
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses=documented(
+            401,
+            403,
+            500,
+            ok={
+                "description": "Prometheus text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+        ),
+    )
     async def prometheus():
-        if engine.error is None:
-            for i, s in enumerate(await ring_stats()):
-                layers = f"{s['layers'][0]}-{s['layers'][1] - 1}"
-                metrics.step_time.labels(str(i), layers).set(s["step_ms"] / 1000)
-                metrics.cache_bytes.labels(str(i), layers).set(s["cache_bytes"])
-        metrics.queue_depth.set(len(engine.scheduler.waiting))
-        metrics.live.set(engine.scheduler.live)
+        snap = snapshot()
+        for i, s in enumerate(snap["stages"]):
+            layers = f"{s['layers'][0]}-{s['layers'][1] - 1}"
+            metrics.step_time.labels(str(i), layers).set(s["step_ms"] / 1000)
+            metrics.cache_bytes.labels(str(i), layers).set(s["cache_bytes"])
+        metrics.queue_depth.set(snap["waiting"])
+        metrics.live.set(snap["live"])
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict:
+        """FastAPI's document, made true: 400 not 422, the key, the streamed chunks."""
+        if app.openapi_schema is None:
+            doc = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            _, defs = models_json_schema(
+                [(ChatCompletionChunk, "serialization"), (CompletionChunk, "serialization")],
+                ref_template="#/components/schemas/{model}",
+            )
+            schemas.update(defs.get("$defs", {}))
+            doc["components"]["securitySchemes"] = {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "one of the server's API keys (when it has any)",
+                }
+            }
+            error_json = {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+            for path, item in doc["paths"].items():
+                for op in item.values():
+                    op["responses"].pop("422", None)
+                    for code, answer in op["responses"].items():
+                        if code != "200":  # every error is JSON (/metrics' 200 is not)
+                            answer["content"] = {"application/json": error_json}
+                    if api_keys and path not in PUBLIC:
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.state.metrics = metrics
     return app

@@ -181,7 +181,9 @@ def serve_cluster(cluster: ClusterConfig, plan: Plan, model: str, opts: dict) ->
 
     def specs() -> list[RankSpec]:
         head = {"host": "127.0.0.1", "port": free_port()} if local_head else {}
-        return rank_specs(cluster, plan, model, "serve", {**opts, **head, "exit_on_failure": True})
+        names = [node.name for node in cluster.nodes]
+        job = {**opts, **head, "exit_on_failure": True, "nodes": names}
+        return rank_specs(cluster, plan, model, "serve", job)
 
     supervisor = Supervisor(specs(), respec=specs if restart else None)
     if not local_head:

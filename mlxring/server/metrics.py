@@ -12,6 +12,9 @@ class Metrics:
         self.requests = Counter(
             "mlxring_requests", "Requests served", ["endpoint", "status"], registry=r
         )
+        self.errors = Counter(
+            "mlxring_error_responses", "Error responses (4xx, 5xx)", ["status"], registry=r
+        )
         self.prompt_tokens = Counter("mlxring_prompt_tokens", "Prompt tokens", registry=r)
         self.generated_tokens = Counter("mlxring_generated_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram(

@@ -43,8 +43,7 @@ def serve(engine: Engine, model_dir: str, opts: dict) -> None:
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:  # only now can the launcher send requests here
-            control(SERVING, url, name)
-            print(f"serving {name} at {url} (OpenAI API)", flush=True)
+            control(SERVING, url, name)  # the launcher announces where clients reach it
         while opts.get("exit_on_failure") and not server.should_exit:
             if engine.error is not None:
                 time.sleep(FAILED_GRACE)  # let the streams in flight carry the error out
