@@ -389,7 +389,8 @@ def test_a_big_prompt_does_not_stall_other_clients(ring, tiny_llama, greedy):
     worker.join()
     error_of(result["response"], 400, "context_length_exceeded")
     assert result["seconds"] > 1, "too small to show anything"
-    assert len(latencies) >= 5 and max(latencies) < 0.5, latencies
+    # on the loop, one of them would have waited for the whole tokenizing
+    assert len(latencies) >= 5 and max(latencies) < max(0.5, result["seconds"] / 3), latencies
     assert_serves_greedy(ring, tiny_llama.name, greedy)
 
 
@@ -640,7 +641,9 @@ def test_health_is_keyless_and_minimal_everything_else_is_keyed(ring, tiny_llama
         error_of(httpx.get(f"{ring}{path}", timeout=10), 401, "invalid_api_key")
         bad = {"authorization": "Bearer nope"}
         error_of(httpx.get(f"{ring}{path}", headers=bad, timeout=10), 401, "invalid_api_key")
-    status = status_of(ring)
+    deadline = time.monotonic() + 10  # the snapshot may still show an earlier request
+    while (status := status_of(ring))["live"] and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert status["model"] == tiny_llama.name and status["status"] == "ok"
     assert status["error"] is None and status["live"] == 0 and status["waiting"] == 0
     layers = [s["layers"] for s in status["stages"]]
@@ -723,7 +726,10 @@ def test_metrics_count_error_responses_by_status(ring, tiny_llama):
 # 10. fuzzing ----------------------------------------------------------------------------
 
 
-def test_fuzzing_finds_no_5xx_and_no_undocumented_status(ring, tiny_llama):
+def test_fuzzing_finds_no_5xx_and_no_undocumented_status(ring, tiny_llama, greedy):
+    """schemathesis against /openapi.json: valid and broken bodies for every operation,
+    the model pinned so that they reach the engine, generations kept short. Every answer
+    must be documented (status, content type, schema) and none a 5xx."""
     schemathesis = pytest.importorskip("schemathesis")
     from schemathesis.checks import not_a_server_error  # lazy: an optional dev tool
     from schemathesis.generation import GenerationMode
@@ -740,18 +746,18 @@ def test_fuzzing_finds_no_5xx_and_no_undocumented_status(ring, tiny_llama):
         content_type_conformance,
         response_schema_conformance,
     ]
-    seen: dict[str, set[int]] = {}
+    seen: dict[str, list[int]] = {}
 
     def pin(body):
         """The served model, so that requests reach the engine; short generations."""
         if isinstance(body, dict):
             body = {**body, "model": tiny_llama.name}
             for field in ("max_tokens", "max_completion_tokens"):
-                n = body.get(field)
-                if type(n) is int and 0 < n < CONTEXT:
+                n = body.get(field)  # 8 at most where the server would take it
+                if n is None:
+                    body[field] = 8  # not the server's default of 256
+                elif type(n) in (int, float) and 0 < n < CONTEXT:
                     body[field] = min(n, 8)
-            if "max_tokens" not in body and "max_completion_tokens" not in body:
-                body["max_tokens"] = 8  # not the server's default of 256
         return body
 
     def fuzz(operation, mode, examples: int) -> None:
@@ -766,7 +772,7 @@ def test_fuzzing_finds_no_5xx_and_no_undocumented_status(ring, tiny_llama):
             if case.body is not None and not isinstance(case.body, bytes):
                 case.body = pin(case.body)
             response = case.call(base_url=ring, headers=AUTH, timeout=60)
-            seen.setdefault(operation.label, set()).add(response.status_code)
+            seen.setdefault(operation.label, []).append(response.status_code)
             case.validate_response(response, checks=checks)
 
         one()
@@ -776,14 +782,13 @@ def test_fuzzing_finds_no_5xx_and_no_undocumented_status(ring, tiny_llama):
         operation = result.ok()
         if operation.method.upper() == "POST":  # bodies: valid ones and broken ones
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                t = time.monotonic()
-                fuzz(operation, mode, 30)
-                print(operation.label, mode, time.monotonic() - t)
+                fuzz(operation, mode, 150)
         else:  # nothing to vary but the key
             fuzz(operation, GenerationMode.POSITIVE, 3)
-    print(seen)
     assert time.monotonic() - started < 240
-    assert any(200 in codes for codes in seen.values()), seen
-    assert any(400 in codes for codes in seen.values()), seen
+    for label in ("POST /v1/chat/completions", "POST /v1/completions"):
+        assert seen[label].count(200) >= 10, seen[label]  # many reached the engine
+        assert seen[label].count(400) >= 10, seen[label]
     for label, codes in seen.items():
         assert all(re.fullmatch(r"[2-4]\d\d", str(c)) for c in codes), (label, codes)
+    assert_serves_greedy(ring, tiny_llama.name, greedy)

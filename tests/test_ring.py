@@ -33,13 +33,13 @@ def mlxring(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-def write_config(tmp_path, spans: list[str]) -> str:
+def write_config(tmp_path, spans: list[str], on_failure: str = "restart") -> str:
     nodes = "".join(
         f"  - {{name: n{i}, host: localhost, memory_gb: 8, reserve_gb: 1, layers: '{s}'}}\n"
         for i, s in enumerate(spans)
     )
     path = tmp_path / "cluster.yaml"
-    path.write_text(f"name: test-ring\nnodes:\n{nodes}")
+    path.write_text(f"name: test-ring\non_failure: {on_failure}\nnodes:\n{nodes}")
     return str(path)
 
 
@@ -138,7 +138,7 @@ def test_sigkilled_rank_stops_the_ring_with_a_clear_message(tiny_llama, tmp_path
             "3",
         )
     else:
-        config = write_config(tmp_path, ["0-1", "2-3", "4-5"])
+        config = write_config(tmp_path, ["0-1", "2-3", "4-5"], on_failure="exit")
         proc = start("launch", config, "--model", str(tiny_llama), "--port", str(free_port()))
     try:
         pids = rank_pids(proc, 3)

@@ -65,7 +65,11 @@ def main(args: argparse.Namespace) -> int:
     if args.max_tokens < 1 or args.prefill_chunk < 1:
         raise UserError("--max-tokens and --prefill-chunk must be >= 1")
     compute = compute_options(args)
-    engine_config = EngineConfig(prefill_chunk=args.prefill_chunk, max_tokens=args.max_tokens)
+    # one request: the KV budget is whatever it needs (its prompt is counted on top)
+    budget = DEFAULTS.max_kv_tokens + args.max_tokens
+    engine_config = EngineConfig(
+        prefill_chunk=args.prefill_chunk, max_tokens=args.max_tokens, max_kv_tokens=budget
+    )
     opts = job_options(args, engine_config)
     if args.ranks is not None or args.config:
         return launch_job(args.config, args.ranks, args.model, "generate", opts, compute=compute)

@@ -51,6 +51,7 @@ def serve_options(cluster: ClusterConfig, model: str, args: argparse.Namespace) 
         engine = replace(engine, step_timeout=args.step_timeout)
     return {
         "host": args.host or cluster.api.host,
+        "max_body_bytes": cluster.api.max_body_bytes,
         "port": args.port or cluster.api.port,
         "model_name": os.path.basename(os.path.normpath(model)),
         "engine": asdict(engine),

@@ -196,12 +196,12 @@ def create_app(
             raise ApiError(
                 429,
                 "the server is busy (its queue is full); retry shortly",
-                INVALID,
+                SERVER,
                 "server_busy",
                 headers={"Retry-After": str(RETRY_BUSY)},
             ) from e
         except RequestTooLarge as e:
-            raise ApiError(400, str(e), INVALID, "request_too_large", "max_tokens") from e
+            raise ApiError(400, str(e), INVALID, "kv_budget_exceeded", "max_tokens") from e
         except RingDown as e:
             raise ring_down(engine.failure) from e
         metrics.prompt_tokens.inc(len(prompt))

@@ -78,7 +78,8 @@ def create_front(state: RingState, head: str, max_body_bytes: int = 1 << 20) -> 
         async for chunk in request.stream():  # whole, so that a disconnect can be watched
             body += chunk
             if len(body) > max_body_bytes:
-                return _error(413, f"the request body exceeds {max_body_bytes} bytes")
+                message = f"the request body exceeds {max_body_bytes} bytes"
+                return _error(413, message, code="request_too_large")
         upstream_request = client.build_request(request.method, url, headers=headers, content=body)
         sending = asyncio.ensure_future(client.send(upstream_request, stream=True))
         while not sending.done():  # a plain request answers only when done: watch the client
@@ -180,7 +181,8 @@ def serve_cluster(cluster: ClusterConfig, plan: Plan, model: str, opts: dict) ->
     local_head = cluster.head.ssh is None and cluster.head.is_local
 
     def specs() -> list[RankSpec]:
-        head = {"host": "127.0.0.1", "port": free_port()} if local_head else {}
+        head = {"host": "127.0.0.1", "port": free_port(), "public_host": opts["host"]}
+        head = head if local_head else {}
         names = [node.name for node in cluster.nodes]
         job = {**opts, **head, "exit_on_failure": True, "nodes": names}
         return rank_specs(cluster, plan, model, "serve", job)

@@ -32,9 +32,18 @@ def serve(engine: Engine, model_dir: str, opts: dict) -> None:
     launcher starts a new ring; the head then exits as having lost a peer.
     """
     name = opts.get("model_name") or Path(model_dir).name
-    context = ModelFacts.read(model_dir).context_length
-    app = create_app(engine, engine.tokenizer, name, context, api_keys())
+    facts = ModelFacts.read(model_dir)
     host, port = opts.get("host", "127.0.0.1"), int(opts.get("port", 8000))
+    app = create_app(
+        engine,
+        engine.tokenizer,
+        name,
+        facts.context_length,
+        api_keys(),
+        vocab_size=facts.text.get("vocab_size"),
+        max_body_bytes=int(opts.get("max_body_bytes", 1 << 20)),
+        host=opts.get("public_host", host),  # behind the launcher's front: the public name
+    )
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     url = f"http://{host}:{port}/v1"
