@@ -376,3 +376,25 @@ def test_config_repr_shows_no_api_key():
     config = parse_config({"name": "r", "api": {"api_keys": list(KEYS)}, "nodes": [node()]})
     assert config.api.api_keys == KEYS
     assert not any(key in repr(config) for key in KEYS)
+
+
+def test_only_the_launch_scripts_pid_line_is_trusted():
+    """`kill` over ssh targets the pid the launch script reported first, before the rank
+    was ready; a later pid line (the rank's own output) cannot redirect it."""
+    from types import SimpleNamespace
+
+    from mlxring.cluster import protocol
+    from mlxring.cluster.supervise import Supervisor
+
+    supervisor = Supervisor.__new__(Supervisor)  # only its control-line handling is used
+    supervisor.state, supervisor.progress, supervisor.respec = None, False, None
+    rank = SimpleNamespace(ready=False, remote_pid=None, error=None)
+    supervisor._on_control(rank, protocol.PID, "4242")
+    supervisor._on_control(rank, protocol.PID, "1")  # a second line before ready
+    assert rank.remote_pid == 4242
+    supervisor._on_control(rank, protocol.READY, "1")
+    supervisor._on_control(rank, protocol.PID, "99")  # and after ready
+    assert rank.remote_pid == 4242 and rank.ready
+    fresh = SimpleNamespace(ready=False, remote_pid=None, error=None)
+    supervisor._on_control(fresh, protocol.PID, "1; rm -rf /")
+    assert fresh.remote_pid is None
