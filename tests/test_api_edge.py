@@ -528,7 +528,7 @@ def test_the_unexpected_is_500_without_internals(tokenizer):
 
 
 def test_busy_is_429_and_down_is_503_with_retry_after(tokenizer):
-    from mlxring.engine.engine import EngineBusy, RingDown  # lazy: only here
+    from mlxring.engine.handle import EngineBusy, RingDown  # lazy: only here
 
     app = create_app(StubEngine(tokenizer, EngineBusy("full")), tokenizer, "m", CONTEXT, (KEY,))
     with TestClient(app) as c:

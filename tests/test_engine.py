@@ -13,7 +13,8 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
 from mlxring.cluster.config import EngineConfig
-from mlxring.engine.engine import Engine, EngineBusy, RequestTooLarge, RingDown
+from mlxring.engine.engine import Engine
+from mlxring.engine.handle import EngineBusy, RequestTooLarge, RingDown
 from mlxring.engine.local import LocalStages
 from mlxring.engine.request import SamplingParams, Sequence
 from mlxring.engine.scheduler import Scheduler

@@ -26,7 +26,6 @@ final event (finish_reason "error") and later calls raise `RingDown`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import queue
 import re
@@ -34,13 +33,14 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import mlx.core as mx
 
 from mlxring.cluster.config import EngineConfig
 from mlxring.crypto.link import IntegrityError
 from mlxring.engine.detok import Detok
+from mlxring.engine.handle import EngineBusy, Event, Handle, RequestTooLarge, RingDown
 from mlxring.engine.request import SamplingParams, Sequence, sample
 from mlxring.engine.scheduler import Scheduler, Step
 from mlxring.engine.stage import StageState
@@ -48,74 +48,6 @@ from mlxring.ring.transport import Channel, PeerLost, ProtocolError
 from mlxring.shards.base import Shard
 
 STATUS_INTERVAL = 1.0  # seconds between the engine's own stats probes
-
-
-class EngineBusy(Exception):
-    """The queue of waiting requests is full (`max_waiting`): retry later (HTTP 429)."""
-
-
-class RequestTooLarge(ValueError):
-    """One request needs more KV tokens than the whole budget (`max_kv_tokens`): HTTP 400."""
-
-
-class RingDown(RuntimeError):
-    """The ring failed (or the engine was closed): no request can be served."""
-
-
-@dataclass
-class Event:
-    token: int | None  # None on the final event of a cancelled or failed request
-    text: str  # new text (held back while it could be the start of a stop string)
-    # set on the last event: "stop" | "length" | "cancelled" | "error"
-    finish_reason: str | None = None
-    error: str | None = None  # with "error": what went down (names the node where known)
-
-
-class Handle:
-    """A submitted request: iterate (sync or async) over its events; cancel() stops it.
-
-    It gets exactly one final event (one with a finish_reason); nothing comes after it.
-    """
-
-    def __init__(self, engine: Engine, seq: Sequence, loop: asyncio.AbstractEventLoop | None):
-        self.engine, self.seq, self.loop = engine, seq, loop
-        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
-        self._lock = threading.Lock()
-        self.done = False  # the final event is pushed
-        self._cancelled = False
-
-    def push(self, event: Event) -> bool:
-        """Queue `event` for the consumer; False (dropped) once the final event is out."""
-        with self._lock:  # queued under the lock: nothing can slip in after the final event
-            if self.done:
-                return False
-            self.done = event.finish_reason is not None
-            if self.loop is None:
-                self._queue.put(event)
-            else:  # a closed loop: nobody is listening any more
-                with contextlib.suppress(RuntimeError):
-                    self.loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        return True
-
-    def cancel(self) -> None:
-        if self._cancelled or self.done:
-            return
-        self._cancelled = True
-        self.engine.commands.put(("cancel", self.seq))
-
-    def __iter__(self):
-        while True:
-            event = self._queue.get()
-            yield event
-            if event.finish_reason:
-                return
-
-    async def __aiter__(self):
-        while True:
-            event = await self._queue.get()
-            yield event
-            if event.finish_reason:
-                return
 
 
 class _Probe:
@@ -259,7 +191,7 @@ class Engine:
                 f"+ max_tokens {params.max_tokens}), more than the engine's whole KV budget "
                 f"({budget}, batching.max_kv_tokens): shorten the prompt or lower max_tokens"
             )
-        handle = Handle(self, seq, loop)
+        handle = Handle(self.commands, seq, loop)
         with self._lock:
             if self.error is not None or self._closing:
                 raise self._down()

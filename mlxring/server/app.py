@@ -25,7 +25,8 @@ from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic.json_schema import models_json_schema
 
-from mlxring.engine.engine import Engine, EngineBusy, RequestTooLarge, RingDown
+from mlxring.engine.engine import Engine
+from mlxring.engine.handle import EngineBusy, RequestTooLarge, RingDown
 from mlxring.engine.request import SamplingParams
 from mlxring.server.errors import (
     HANDLED,
