@@ -13,6 +13,7 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
 from mlxring.cluster.config import EngineConfig
+from mlxring.crypto.link import IntegrityError
 from mlxring.engine.engine import Engine
 from mlxring.engine.handle import EngineBusy, RequestTooLarge, RingDown
 from mlxring.engine.local import LocalStages
@@ -400,3 +401,35 @@ def test_seeds_given_repeat_and_unseeded_runs_differ(shards, tiny_llama):
     for bad in (-1, 2**64, 1.5, "7", True):
         with pytest.raises(ValueError, match="seed"):
             SamplingParams(seed=bad)
+
+
+class Tampered(LocalStages):
+    """LocalStages whose answer to step `after` fails authentication, as a flipped byte on
+    the head's inbound link does (the channel raises IntegrityError on receive)."""
+
+    def __init__(self, shards, after: int):
+        super().__init__(shards)
+        self.after, self.received = after, 0
+
+    def recv(self):
+        self.received += 1
+        if self.received == self.after:
+            raise IntegrityError("a message from rank 1 failed authentication (tampered)")
+        return super().recv()
+
+
+def test_an_integrity_error_fails_the_engine_instead_of_latching(shards, tiny_llama):
+    """The head's loop ends on a tampered message: requests get the error, `submit` says
+    the ring is down, and the serve job can then exit so that the launcher restarts it."""
+    engine = engine_over(shards, tiny_llama, Tampered([shards[1]], after=5), max_batch=4)
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    handles = [engine.submit(p, params) for p in prompts(3, 6)]
+    try:
+        check_failed(drain(handles, timeout=30), "failed authentication")
+        assert isinstance(engine.error, IntegrityError)
+        with pytest.raises(RingDown, match="failed authentication"):
+            engine.submit([5, 6, 7], params)
+        engine.thread.join(timeout=10)
+        assert not engine.thread.is_alive()  # the loop ended; nothing keeps waiting on it
+    finally:
+        engine.close()

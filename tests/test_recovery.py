@@ -117,6 +117,11 @@ def test_a_killed_rank_ends_streams_and_the_ring_comes_back(tiny_llama, tmp_path
         assert health["status"] == "ok" and health["restarts"] == 1
         assert not alive(tail)
         assert any("node 'tail' (rank 1, localhost) was killed by SIGKILL" in s for s in log)
+        ranks = [p for p in children(proc.pid) if "mlxring.node" in cmdline(p)]
+        assert len(ranks) == 2  # the new ring's
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the launcher stops the restarted ring too
+        assert proc.wait(timeout=20) == 130
+        assert not any(alive(p) for p in ranks), "a rank of the restarted ring was left behind"
     finally:
         stop_launcher(proc)
 
