@@ -19,11 +19,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic.json_schema import models_json_schema
 
 from mlxring.engine.engine import Engine
 from mlxring.engine.handle import EngineBusy, RequestTooLarge, RingDown
@@ -40,12 +38,10 @@ from mlxring.server.errors import (
     ring_down,
 )
 from mlxring.server.metrics import Metrics
+from mlxring.server.openapi import documented, openapi_document, sse
 from mlxring.server.schemas import (
     ChatCompletion,
-    ChatCompletionChunk,
     Completion,
-    CompletionChunk,
-    ErrorResponse,
     Health,
     ModelList,
     Status,
@@ -56,61 +52,6 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 ENDPOINTS = {CHAT: "chat", COMPLETIONS: "completions"}  # the `endpoint` label of requests
 PUBLIC = ("/health",)  # everything else needs the key when keys are set
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-_ERRORS = {
-    400: "Malformed JSON or an invalid field",
-    401: "No API key, or a wrong one (when the server has keys)",
-    403: "A Host the server does not answer (without API keys: its own address, IP "
-    "addresses and localhost only)",
-    404: "The model is not the one served",
-    413: "The body is larger than the server's limit",
-    415: "The body is not sent as application/json",
-    429: "The queue is full: retry after Retry-After seconds",
-    500: "An unexpected error (the message holds no internals)",
-    503: "The ring is down: retry after Retry-After seconds",
-}
-_RETRY = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
-
-
-def documented(*codes: int, ok: dict) -> dict:
-    """A route's `responses`: `ok` for 200, the error JSON for each of `codes`."""
-    out: dict = {200: ok}
-    for code in codes:
-        out[code] = {"model": ErrorResponse, "description": _ERRORS[code]}
-        if code in (429, 503):
-            out[code]["headers"] = _RETRY
-    return out
-
-
-def _sse(chunk: str) -> dict:
-    """The text/event-stream answer, described one event at a time."""
-    ref = f"#/components/schemas/{chunk}"
-    return {
-        "schema": {
-            "description": f"With `stream: true`: server-sent events, each `data: <{chunk} "
-            "JSON>`, then `data: [DONE]`; a failure once streaming is a `data:` event with "
-            "the error JSON.",
-            "type": "object",
-            "required": ["data"],
-            "properties": {
-                "data": {
-                    "anyOf": [
-                        {
-                            "type": "string",
-                            "contentMediaType": "application/json",
-                            "contentSchema": {
-                                "anyOf": [
-                                    {"$ref": ref},
-                                    {"$ref": "#/components/schemas/ErrorResponse"},
-                                ]
-                            },
-                        },
-                        {"const": "[DONE]"},
-                    ]
-                }
-            },
-        }
-    }
 
 
 def create_app(
@@ -311,7 +252,7 @@ def create_app(
             ok={
                 "model": ChatCompletion,
                 "description": "The completion, or with `stream: true` its chunks over SSE",
-                "content": {"text/event-stream": _sse("ChatCompletionChunk")},
+                "content": {"text/event-stream": sse("ChatCompletionChunk")},
             },
         ),
     )
@@ -339,7 +280,7 @@ def create_app(
             ok={
                 "model": Completion,
                 "description": "The completion, or with `stream: true` its chunks over SSE",
-                "content": {"text/event-stream": _sse("CompletionChunk")},
+                "content": {"text/event-stream": sse("CompletionChunk")},
             },
         ),
     )
@@ -416,42 +357,6 @@ def create_app(
         metrics.live.set(snap["live"])
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def openapi() -> dict:
-        """FastAPI's document, made true: 400 not 422, the key, the streamed chunks."""
-        if app.openapi_schema is None:
-            doc = get_openapi(
-                title=app.title,
-                version=app.version,
-                description=app.description,
-                routes=app.routes,
-            )
-            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-            for name in ("HTTPValidationError", "ValidationError"):
-                schemas.pop(name, None)
-            _, defs = models_json_schema(
-                [(ChatCompletionChunk, "serialization"), (CompletionChunk, "serialization")],
-                ref_template="#/components/schemas/{model}",
-            )
-            schemas.update(defs.get("$defs", {}))
-            doc["components"]["securitySchemes"] = {
-                "bearer": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "one of the server's API keys (when it has any)",
-                }
-            }
-            error_json = {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
-            for path, item in doc["paths"].items():
-                for op in item.values():
-                    op["responses"].pop("422", None)
-                    for code, answer in op["responses"].items():
-                        if code != "200":  # every error is JSON (/metrics' 200 is not)
-                            answer["content"] = {"application/json": error_json}
-                    if api_keys and path not in PUBLIC:
-                        op["security"] = [{"bearer": []}]
-            app.openapi_schema = doc
-        return app.openapi_schema
-
-    app.openapi = openapi
+    app.openapi = lambda: openapi_document(app, keyed=bool(api_keys), public=PUBLIC)
     app.state.metrics = metrics
     return app
