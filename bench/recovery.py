@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,12 @@ from pathlib import Path
 
 import httpx
 
+from mlxring.cluster.ranks import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / ".cache" / "tiny-llama"
 PROMPT = "The ring splits the model"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BODY = {"model": MODEL.name, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
 
 
 def rank_pid(launcher: int, name: str) -> int:
@@ -55,10 +51,9 @@ class Load:
         self.threads = [threading.Thread(target=self.client) for _ in range(clients)]
 
     def client(self) -> None:
-        body = {"model": MODEL.name, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
         while not self.stop.is_set():
             try:
-                r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=120)
+                r = httpx.post(f"{self.url}/v1/completions", json=BODY, timeout=120)
                 outcome = str(r.status_code)
             except httpx.HTTPError as e:
                 outcome = type(e).__name__
@@ -70,10 +65,9 @@ class Load:
 
 def next_answer(url: str, want: str, since: float) -> float:
     """Seconds from `since` until a completion answers `want` again."""
-    body = {"model": MODEL.name, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
     while True:
         with contextlib.suppress(httpx.HTTPError):
-            r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+            r = httpx.post(f"{url}/v1/completions", json=BODY, timeout=120)
             if r.status_code == 200:
                 assert r.json()["choices"][0]["text"] == want, "a wrong answer after recovery"
                 return time.monotonic() - since
@@ -103,8 +97,7 @@ def main() -> None:
         want = ""
         while not want:
             with contextlib.suppress(httpx.HTTPError):
-                body = {"model": MODEL.name, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
-                r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+                r = httpx.post(f"{url}/v1/completions", json=BODY, timeout=120)
                 want = r.json()["choices"][0]["text"] if r.status_code == 200 else ""
             time.sleep(0.2)
         first_up = time.monotonic() - started

@@ -71,7 +71,7 @@ def run(args: RankArgs) -> None:
     engine = Engine(shard, channel, load_tokenizer(args.model), config, node_names=names)
     control(READY, rank)
     try:
-        JOBS[args.job or "serve"](engine, args.model, args.job_options)
+        JOBS[args.job](engine, args.model, args.job_options)
     finally:
         if engine.error is None:  # a failed engine may be stuck in a receive: leave it
             engine.close()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import httpx
 
@@ -17,12 +18,16 @@ from mlxring.cluster.supervise import REPEATED, RingState
 from tests.ringutil import alive, children, cmdline, free_port, stop_launcher
 
 PROMPT = "The ring splits the model"
-MODEL = "tiny-llama"  # the served model's name (its directory's), set by launch()
 MAX_TOKENS = 12
 
 
+class Ring(NamedTuple):
+    url: str  # the launcher's API
+    model: str  # the served model's name (its directory's)
+
+
 def launch(tiny_llama, tmp_path, on_failure: str = "restart"):
-    """`mlxring launch` of a 2-rank ring (head, tail) with a 4 s step timeout; (proc, url)."""
+    """`mlxring launch` of a 2-rank ring (head, tail) with a 4 s step timeout; (proc, ring, log)."""
     port = free_port()
     config = tmp_path / "cluster.yaml"
     config.write_text(
@@ -38,25 +43,23 @@ def launch(tiny_llama, tmp_path, on_failure: str = "restart"):
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
     threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    global MODEL
-    MODEL = tiny_llama.name
-    wait_for_answer(url, 180)
-    return proc, url, log
+    ring = Ring(f"http://127.0.0.1:{port}", tiny_llama.name)
+    wait_for_answer(ring, 180)
+    return proc, ring, log
 
 
-def complete(url: str, timeout: float = 60) -> httpx.Response:
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
+def complete(ring: Ring, timeout: float = 60) -> httpx.Response:
+    body = {"model": ring.model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    return httpx.post(f"{ring.url}/v1/completions", json=body, timeout=timeout)
 
 
-def wait_for_answer(url: str, within: float) -> str:
+def wait_for_answer(ring: Ring, within: float) -> str:
     """Poll until a completion succeeds; its text. Every answer meanwhile is a 503 with
     Retry-After in OpenAI's shape, never a refused connection."""
     deadline = time.monotonic() + within
     while True:
         try:
-            r = complete(url)
+            r = complete(ring)
         except httpx.ConnectError:
             r = None  # only before the launcher has bound the port
         if r is not None and r.status_code == 200:
@@ -73,11 +76,17 @@ def rank_pid(proc: subprocess.Popen, name: str) -> int:
     return next(p for p in children(proc.pid) if f"--name {name}" in cmdline(p))
 
 
-def stream_until_end(url: str, out: dict, i: int) -> None:
+def stream_until_end(ring: Ring, out: dict, i: int) -> None:
     """One streaming request; records how it ended ("done", "error" or an exception)."""
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3000, "temperature": 0, "stream": True}
+    body = {
+        "model": ring.model,
+        "prompt": PROMPT,
+        "max_tokens": 3000,
+        "temperature": 0,
+        "stream": True,
+    }
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", f"{ring.url}/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if '"error"' in line:
                     out[i] = ("error", line, time.monotonic())
@@ -91,12 +100,12 @@ def stream_until_end(url: str, out: dict, i: int) -> None:
 
 
 def test_a_killed_rank_ends_streams_and_the_ring_comes_back(tiny_llama, tmp_path):
-    proc, url, log = launch(tiny_llama, tmp_path)
+    proc, ring, log = launch(tiny_llama, tmp_path)
     try:
-        want = wait_for_answer(url, 30)
+        want = wait_for_answer(ring, 30)
         ended: dict[int, tuple] = {}
         streams = [
-            threading.Thread(target=stream_until_end, args=(url, ended, i)) for i in range(4)
+            threading.Thread(target=stream_until_end, args=(ring, ended, i)) for i in range(4)
         ]
         for t in streams:
             t.start()
@@ -109,11 +118,11 @@ def test_a_killed_rank_ends_streams_and_the_ring_comes_back(tiny_llama, tmp_path
         assert len(ended) == 4 and all(how == "error" for how, _, _ in ended.values()), ended
         assert max(at for _, _, at in ended.values()) - killed < 10
         assert any("node 'tail'" in line or "rank 1" in line for _, line, _ in ended.values())
-        r = httpx.get(f"{url}/health", timeout=10)  # the port stays open meanwhile
+        r = httpx.get(f"{ring.url}/health", timeout=10)  # the port stays open meanwhile
         assert r.status_code in (200, 503)
-        assert wait_for_answer(url, 90) == want  # the same greedy text as before the fault
+        assert wait_for_answer(ring, 90) == want  # the same greedy text as before the fault
         assert time.monotonic() - killed < 90
-        health = httpx.get(f"{url}/health", timeout=10).json()
+        health = httpx.get(f"{ring.url}/health", timeout=10).json()
         assert health["status"] == "ok" and health["restarts"] == 1
         assert not alive(tail)
         assert any("node 'tail' (rank 1, localhost) was killed by SIGKILL" in s for s in log)
@@ -127,11 +136,11 @@ def test_a_killed_rank_ends_streams_and_the_ring_comes_back(tiny_llama, tmp_path
 
 
 def test_a_frozen_rank_is_restarted_and_the_ring_comes_back(tiny_llama, tmp_path):
-    proc, url, log = launch(tiny_llama, tmp_path)
+    proc, ring, log = launch(tiny_llama, tmp_path)
     try:
-        want = wait_for_answer(url, 30)
+        want = wait_for_answer(ring, 30)
         ended: dict[int, tuple] = {}
-        stream = threading.Thread(target=stream_until_end, args=(url, ended, 0))
+        stream = threading.Thread(target=stream_until_end, args=(ring, ended, 0))
         stream.start()
         time.sleep(2)
         tail = rank_pid(proc, "tail")
@@ -142,7 +151,7 @@ def test_a_frozen_rank_is_restarted_and_the_ring_comes_back(tiny_llama, tmp_path
         time.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
         with contextlib.suppress(ProcessLookupError):  # the recovery may have killed it
             os.kill(tail, signal.SIGCONT)
-        assert wait_for_answer(url, 90) == want
+        assert wait_for_answer(ring, 90) == want
         assert time.monotonic() - stopped < 20 + 90
         assert any("restarting the ring" in s for s in log)
         assert not alive(tail)  # the frozen rank was replaced, not left behind
@@ -151,7 +160,7 @@ def test_a_frozen_rank_is_restarted_and_the_ring_comes_back(tiny_llama, tmp_path
 
 
 def test_on_failure_exit_stops_the_launcher_naming_the_node(tiny_llama, tmp_path):
-    proc, url, log = launch(tiny_llama, tmp_path, on_failure="exit")
+    proc, ring, log = launch(tiny_llama, tmp_path, on_failure="exit")
     try:
         ranks = [p for p in children(proc.pid) if "mlxring.node" in cmdline(p)]
         os.kill(rank_pid(proc, "tail"), signal.SIGKILL)

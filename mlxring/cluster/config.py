@@ -267,6 +267,11 @@ class NodeConfig:
     def is_local(self) -> bool:
         return is_local_host(self.host)
 
+    @property
+    def remote(self) -> bool:
+        """Started over ssh: the node names an ssh target or is not this machine."""
+        return self.ssh is not None or not self.is_local
+
     @model_validator(mode="wrap")
     @classmethod
     def _fields(cls, data: object, handler: Callable[[object], NodeConfig]) -> NodeConfig:

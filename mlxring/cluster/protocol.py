@@ -68,10 +68,15 @@ def parse_control(line: str) -> tuple[str, str] | None:
     return word, rest
 
 
+def control_shell(word: str, arg: str) -> str:
+    """The shell command that writes control line `word` with one shell word `arg`."""
+    octal = CONTROL.replace("\x1e", "\\036")  # printf's escape for the record separator
+    return f"printf '{octal} {word} %s\\n' {arg} >&2"
+
+
 def pid_line_shell() -> str:
     """The shell command a launch script runs first: report its pid as a control line."""
-    octal = CONTROL.replace("\x1e", "\\036")  # printf's escape for the record separator
-    return f"printf '{octal} {PID} %s\\n' $$ >&2"
+    return control_shell(PID, "$$")
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,7 @@ def ssh_argv(target: str, command: str) -> list[str]:
 
 def _shell_error(message: str, code: int) -> str:
     """Shell that reports `message` as the rank's error control line and exits `code`."""
-    octal = protocol.CONTROL.replace("\x1e", "\\036")  # printf's escape for the separator
-    line = f"printf '{octal} {protocol.ERROR} %s\\n' {shlex.quote(message)} >&2"
+    line = protocol.control_shell(protocol.ERROR, shlex.quote(message))
     return f"{{ {line}; exit {code}; }}"
 
 
@@ -74,8 +73,7 @@ class RankSpec:
 
     @property
     def remote(self) -> bool:
-        """Started over ssh: the node names an ssh target or is not this machine."""
-        return self.node.ssh is not None or not self.node.is_local
+        return self.node.remote
 
     @property
     def stdin_secret(self) -> bytes | None:
@@ -134,9 +132,8 @@ def key_sources(cluster: ClusterConfig) -> tuple[list[str | None], dict[str, str
     nodes without one. The key itself never crosses the network: a node started over ssh
     must have a key file of its own."""
     files = [node.cluster_key_file or cluster.cluster_key_file for node in cluster.nodes]
-    specs_remote = [node.ssh is not None or not node.is_local for node in cluster.nodes]
-    for node, file, remote in zip(cluster.nodes, files, specs_remote):
-        if remote and file is None:
+    for node, file in zip(cluster.nodes, files):
+        if node.remote and file is None:
             raise UserError(
                 f"node {node.name!r} is started over ssh and has no cluster key: set "
                 "cluster_key_file (the same key on every node; make one with `mlxring keygen` "
@@ -164,7 +161,7 @@ def rank_specs(
         env_all[protocol.JACCL_RING] = "1"  # each rank cabled to its two ring neighbours
         files[protocol.JACCL_DEVICES] = json.dumps([list(n.rdma or ()) for n in cluster.nodes])
     # ranks sharing this machine share its cores: torch would start a thread per core in each
-    on_this_machine = sum(1 for n in cluster.nodes if n.is_local and not n.ssh)
+    on_this_machine = sum(1 for n in cluster.nodes if not n.remote)
     torch_threads = str(max(1, (os.cpu_count() or 1) // max(1, on_this_machine)))
     specs = []
     for rank, (node, a) in enumerate(zip(cluster.nodes, plan.assignments)):
@@ -185,7 +182,7 @@ def rank_specs(
         python = node.python or (sys.executable if node.is_local else "python3")
         argv = (python, "-m", protocol.RANK_MODULE, *args.argv())
         env = {**env_all, protocol.MLX_RANK: str(rank)}
-        if node.backend == "torch" and node.is_local and not node.ssh:
+        if node.backend == "torch" and not node.remote:
             threads = protocol.TORCH_THREADS_ENV
             env[threads] = os.environ.get(threads, torch_threads)
         if node.is_local:  # run this very mlxring, installed or not
@@ -196,8 +193,7 @@ def rank_specs(
             secret = {**secret, protocol.API_KEYS_ENV: keys}
         cwd = node.cwd or os.getcwd()
         # a local rank gets its secrets in its environment, a rank over ssh on its stdin
-        remote = node.ssh is not None or not node.is_local
-        local_secret, stdin_secret = ({}, secret) if remote else (secret, {})
+        local_secret, stdin_secret = ({}, secret) if node.remote else (secret, {})
         specs.append(RankSpec(rank, node, argv, env, files, cwd, local_secret, stdin_secret))
     return specs
 

@@ -48,7 +48,6 @@ class RingState:
         self.down_reason = "the ring is starting"
         self.restarts = 0
         self.failures: collections.Counter[str] = collections.Counter()  # node -> failures
-        self.last_failure: str | None = None
         self.announce: Callable[[str], None] | None = None  # called when first up, with the url
         self.ever_up = False
 
@@ -64,7 +63,10 @@ class RingState:
             self.url, self.down_reason = None, reason
             if node is not None:
                 self.failures[node] += 1
-                self.last_failure = reason
+
+    def restarting(self) -> None:
+        with self.lock:
+            self.restarts += 1
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -75,7 +77,6 @@ class RingState:
                 "reason": None if self.url else self.down_reason,
                 "restarts": self.restarts,
                 "failures": dict(self.failures),
-                "last_failure": self.last_failure,
                 "repeated": repeated,
             }
 
@@ -367,7 +368,7 @@ class Supervisor:
                 self.log(f"restarting the ring in {wait:.0f} s (the API answers 503 meanwhile)")
                 if self.stopping.wait(wait):
                     return 130
-                self.state.restarts += 1
+                self.state.restarting()
                 self.specs = self.respec()
         finally:
             for sig, handler in previous.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import sys
 import threading
@@ -29,21 +30,16 @@ from mlxring.cluster.config import ClusterConfig
 from mlxring.cluster.plan import Plan
 from mlxring.cluster.ranks import RankSpec, free_port, rank_specs
 from mlxring.cluster.supervise import RingState, Supervisor
+from mlxring.errors import UserError
+from mlxring.server.errors import RETRY_DOWN, SERVER, error_body, error_response
 
-RETRY_AFTER = 5  # seconds a client is told to wait while the ring restarts
 # hop-by-hop headers, and those the proxy recomputes, are not forwarded
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", code=None):
-    error = {"message": message, "type": kind, "param": None, "code": code}
-    return JSONResponse({"error": error}, status)
-
-
-def _down(message: str) -> JSONResponse:
-    response = _error(503, message, "server_error", "ring_down")
-    response.headers["Retry-After"] = str(RETRY_AFTER)
-    return response
+def _down(message: str) -> Response:
+    """503 with Retry-After while the ring (re)starts, in OpenAI's error JSON."""
+    return error_response(503, message, SERVER, "ring_down", None, {"Retry-After": str(RETRY_DOWN)})
 
 
 def create_front(state: RingState, head: str, max_body_bytes: int = 1 << 20) -> Starlette:
@@ -74,13 +70,15 @@ def create_front(state: RingState, head: str, max_body_bytes: int = 1 << 20) -> 
         base = ring["url"].removesuffix("/v1")
         url = httpx.URL(base + request.url.path, query=request.url.query.encode())
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
-        body = b""
+        body = bytearray()
         async for chunk in request.stream():  # whole, so that a disconnect can be watched
             body += chunk
             if len(body) > max_body_bytes:
                 message = f"the request body exceeds {max_body_bytes} bytes"
-                return _error(413, message, code="request_too_large")
-        upstream_request = client.build_request(request.method, url, headers=headers, content=body)
+                return error_response(413, message, code="request_too_large")
+        upstream_request = client.build_request(
+            request.method, url, headers=headers, content=bytes(body)
+        )
         sending = asyncio.ensure_future(client.send(upstream_request, stream=True))
         while not sending.done():  # a plain request answers only when done: watch the client
             await asyncio.wait({sending}, timeout=0.25)
@@ -100,14 +98,11 @@ def create_front(state: RingState, head: str, max_body_bytes: int = 1 << 20) -> 
             except httpx.HTTPError:  # the head went away mid-answer
                 if event_stream:
                     message = f"the ring failed: the head node {head!r} went away"
-                    yield f'data: {{"error": {{"message": "{message}", "type": '
-                    yield '"server_error", "param": null, "code": "ring_down"}}\n\n'
+                    yield f"data: {json.dumps(error_body(message, SERVER, 'ring_down'))}\n\n"
             finally:
                 await upstream.aclose()
 
-        return StreamingResponse(
-            relay(), upstream.status_code, _headers(upstream.headers), background=None
-        )
+        return StreamingResponse(relay(), upstream.status_code, _headers(upstream.headers))
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
     routes = [
@@ -136,7 +131,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from e
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror}); pick another --port"
+        ) from e
     sock.listen(2048)
     sock.set_inheritable(False)
     return sock
@@ -178,7 +175,7 @@ def serve_cluster(cluster: ClusterConfig, plan: Plan, model: str, opts: dict) ->
     head serves the public port itself (closed while its ring restarts).
     """
     restart = cluster.on_failure == "restart"
-    local_head = cluster.head.ssh is None and cluster.head.is_local
+    local_head = not cluster.head.remote
 
     def specs() -> list[RankSpec]:
         head = {"host": "127.0.0.1", "port": free_port(), "public_host": opts["host"]}

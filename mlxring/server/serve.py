@@ -18,10 +18,10 @@ from mlxring.server.app import create_app
 FAILED_GRACE = 1.0  # seconds between a ring failure and the end of the job
 
 
-def api_keys(configured: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The configured bearer keys plus those of MLXRING_API_KEYS (comma-separated)."""
-    env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    return (*configured, *env)
+def api_keys() -> tuple[str, ...]:
+    """The head's bearer keys: MLXRING_API_KEYS (comma-separated), where the launcher puts
+    the configured ones (`mlxring.cluster.ranks.api_keys`)."""
+    return tuple(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())
 
 
 def serve(engine: Engine, model_dir: str, opts: dict) -> None:
