@@ -12,8 +12,12 @@ COMMANDS = {
     "plan": "Show how a cluster splits a model's layers, before starting anything.",
     "generate": "Generate from one prompt (single node, a local ring, or a cluster).",
     "launch": "Start every rank of a cluster defined in a YAML file.",
+    "split": "Write each node's share of a model (only its layers' tensors) to a directory.",
+    "serve": "Zero-config: find this cluster's workers (mDNS), ship their layers, serve the API.",
+    "worker": "Zero-config: offer this machine to a cluster's head (found by mDNS).",
     "bench": "Throughput: one node (mlx-lm), a lockstep ring, or a pipelined ring.",
     "keygen": "Write a new cluster key (every node of a cluster needs the same one).",
+    "nodes": "List the mlxring workers that discovery (mDNS) sees on this network.",
     "make-tiny": "Write a tiny random-weight model of a real architecture (tests, demo).",
 }
 

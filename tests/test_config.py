@@ -65,6 +65,18 @@ BAD = [
     ("name: r\nnodes: {a: 1}\n", "nodes: expected a non-empty list of nodes, got a mapping"),
     (f"name: r\nbackend: nccl\nnodes: [{A}]\n", "backend: expected 'ring' or 'jaccl', got 'nccl'"),
     (f"name: r\nmodel: ''\nnodes: [{A}]\n", "model: expected a non-empty string, got ''"),
+    (
+        "name: r\nnodes:\n  - {name: a, host: h, memory_gb: 8, worker: '10.0.0.2:0'}\n",
+        "nodes[0].worker: expected 'host:port' with a port 1..65535, got '10.0.0.2:0'",
+    ),
+    (
+        "name: r\nnodes:\n  - {name: a, host: h, memory_gb: 8, worker: 10.0.0.2}\n",
+        "nodes[0].worker: expected 'host:port' with a port 1..65535, got '10.0.0.2'",
+    ),
+    (
+        "name: r\nnodes:\n  - {name: a, host: h, memory_gb: 8, model: ''}\n",
+        "nodes[0].model: expected a non-empty string, got ''",
+    ),
     # api and batching
     (
         f"name: r\napi: 8000\nnodes: [{A}]\n",
@@ -140,7 +152,7 @@ BAD = [
     (
         "name: r\nnodes: [{name: a, host: h, memory_gb: 8, gpu: 1}]\n",
         "nodes[0].gpu: unknown field (expected one of name, host, port, memory_gb, reserve_gb, "
-        "backend, device, dtype, layers, ssh, python, cwd, rdma, cluster_key_file)",
+        "backend, device, dtype, layers, ssh, python, cwd, rdma, cluster_key_file, model, worker)",
     ),
     (
         "name: r\nnodes: [{name: a, memory_gb: 8}]\n",
@@ -387,3 +399,10 @@ def test_launch_fields(tmp_path: Path) -> None:
     assert cluster.nodes[0].rdma == (None, "en2") and cluster.nodes[1].rdma == ("en3", None)
     assert cluster.nodes[0].python == "/opt/py" and cluster.nodes[0].cwd == "/srv"
     assert cluster.nodes[1].python is None
+
+
+def test_node_model_and_worker() -> None:
+    node = {"name": "a", "host": "h", "memory_gb": 8, "model": "/m/a", "worker": "[::1]:7070"}
+    config = parse_config({"name": "r", "nodes": [node, {**node, "name": "b", "model": None}]})
+    assert (config.nodes[0].model, config.nodes[0].worker) == ("/m/a", "[::1]:7070")
+    assert config.nodes[1].model is None

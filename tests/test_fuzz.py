@@ -220,7 +220,7 @@ def test_load_config_scalars_yaml_cannot_build(tmp_path: Path, text: str, proble
             {"a\nb": 1},
             "nodes[0]['a\\nb']: unknown field (expected one of name, host, port, "
             "memory_gb, reserve_gb, backend, device, dtype, layers, ssh, python, cwd, rdma, "
-            "cluster_key_file)",
+            "cluster_key_file, model, worker)",
         ),
     ],
 )

@@ -167,7 +167,20 @@ def _api_key(value: str) -> str:
     return value
 
 
+def _address(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address: [::1]:8000
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address needs brackets
+    valid_host = re.fullmatch(r"[^\s\[\]-][^\s\[\]]*", host)
+    if not valid_host or not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise _expected("'host:port' with a port 1..65535", value)
+    return value
+
+
 _SshTarget = Annotated[_Text, AfterValidator(_ssh_target)]
+_Address = Annotated[_Text, AfterValidator(_address)]
 _ApiKey = Annotated[_Text, AfterValidator(_api_key)]
 _Port = Annotated[int, Field(strict=True, ge=1, le=65535), _expect("an integer 1..65535")]
 _Count = Annotated[int, Field(strict=True, ge=1), _expect("an integer >= 1")]
@@ -262,6 +275,8 @@ class NodeConfig:
     cwd: _Text | None = None  # working directory on the node; default: the launcher's
     rdma: _Rdma | None = None  # jaccl: the RDMA device to each rank, None to itself
     cluster_key_file: _Text | None = None  # the key file's path on this node, if not the cluster's
+    model: _Text | None = None  # the model directory on this node, if not the cluster's
+    worker: _Address | None = None  # ip:port of an mlxring worker's control port
 
     @property
     def is_local(self) -> bool:

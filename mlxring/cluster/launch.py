@@ -13,6 +13,7 @@ from mlxring.cluster.plan import Plan, keep_kv_pairs, split_layers
 from mlxring.cluster.ranks import RankSpec, rank_specs, ssh_argv
 from mlxring.cluster.supervise import Supervisor
 from mlxring.errors import UserError
+from mlxring.model.source import resolve_model
 from mlxring.model.weights import footprint
 
 
@@ -64,16 +65,31 @@ def resolve(
 ) -> tuple[ClusterConfig, str, Plan]:
     """The cluster, model directory and plan a launch runs (`compute`: see `local_ring`).
 
+    The model is `model`, else the config's, else (when every node names its own) the
+    head's; a Hugging Face repo id is resolved to its snapshot in the local cache.
+
     `memory_gb: auto` of a remote node is asked over ssh; with `contact_nodes=False` (a dry
     run) it is a UserError instead."""
     cluster = load_config(config) if config else None
     model = model or (cluster.model if cluster else None)
-    if not model:
-        raise UserError("no model: pass --model (or set 'model:' in the cluster config)")
+    if model:
+        model = resolve_model(model)  # a Hugging Face repo id -> its local snapshot
+    elif cluster is not None and all(node.model for node in cluster.nodes):
+        model = cluster.head.model  # every node names its own: plan with the head's
+    else:
+        raise UserError(
+            "no model: pass --model (or set 'model:' in the cluster config, or on every node)"
+        )
     if not os.path.isdir(model) and (cluster is None or cluster.head.is_local):
         raise UserError(f"model {model}: no such directory")
     if cluster is None:
         cluster = local_ring(ranks or 1, model, compute)
+    fp = footprint(model)
+    if cluster.head.layers is None and 0 in fp.layer_bytes and any(fp.layer_bytes):
+        raise UserError(
+            f"model {model} holds only some of the layers (a bundle of `mlxring split`?): "
+            "set layers: on every node as split printed them, or pass the whole model"
+        )
     plan = cluster_plan(cluster, model, remote_memory_bytes if contact_nodes else not_asked)
     return cluster, model, plan
 

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxring.cluster import protocol
+from mlxring.cluster import attach, protocol
 from mlxring.cluster.config import ClusterConfig, NodeConfig
 from mlxring.cluster.plan import Plan
 from mlxring.crypto.keys import KEY_ENV, key_from_env, new_key
@@ -104,15 +104,19 @@ class RankSpec:
         return "; ".join(lines)
 
     def command(self) -> list[str]:
-        """The command the launcher runs: ssh for remote nodes, the script under bash locally."""
+        """The command the launcher runs: attach for a node on an mlxring worker, ssh for
+        remote nodes, the script under bash locally."""
+        if self.node.worker:
+            return attach.command(self.node.worker, list(self.argv[3:]), self.env, self.files)
         if self.remote:
             return ssh_argv(self.node.ssh or self.node.host, self.script())
         return ["bash", "-c", self.script()]
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now (an IP of this machine, or localhost)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1" if host == "localhost" else host, 0))
         return s.getsockname()[1]
 
 
@@ -133,7 +137,7 @@ def key_sources(cluster: ClusterConfig) -> tuple[list[str | None], dict[str, str
     must have a key file of its own."""
     files = [node.cluster_key_file or cluster.cluster_key_file for node in cluster.nodes]
     for node, file in zip(cluster.nodes, files):
-        if node.remote and file is None:
+        if node.remote and not node.worker and file is None:
             raise UserError(
                 f"node {node.name!r} is started over ssh and has no cluster key: set "
                 "cluster_key_file (the same key on every node; make one with `mlxring keygen` "
@@ -167,7 +171,7 @@ def rank_specs(
     for rank, (node, a) in enumerate(zip(cluster.nodes, plan.assignments)):
         args = protocol.RankArgs(
             name=node.name,
-            model=model,
+            model=node.model or model,
             layers=(a.start, a.end),
             cluster=cluster.name,
             backend=cluster.backend,
@@ -175,7 +179,7 @@ def rank_specs(
             # mlx computes on its default device (the GPU on a Mac) unless told "cpu"
             device=node.device if node.backend == "torch" or node.device == "cpu" else None,
             dtype=node.dtype,
-            key_file=key_files[rank],
+            key_file=None if node.worker else key_files[rank],  # a worker gives its own
             job=job if rank == 0 else None,
             job_options=job_options if rank == 0 else {},
         )
@@ -193,7 +197,8 @@ def rank_specs(
             secret = {**secret, protocol.API_KEYS_ENV: keys}
         cwd = node.cwd or os.getcwd()
         # a local rank gets its secrets in its environment, a rank over ssh on its stdin
-        local_secret, stdin_secret = ({}, secret) if node.remote else (secret, {})
+        over_ssh = node.remote and not node.worker  # a worker's rank: attach runs here
+        local_secret, stdin_secret = ({}, secret) if over_ssh else (secret, {})
         specs.append(RankSpec(rank, node, argv, env, files, cwd, local_secret, stdin_secret))
     return specs
 

@@ -42,6 +42,15 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def belongs(name: str, start: int, end: int, is_head: bool) -> bool:
+    """Whether the node holding layers [start, end) needs checkpoint tensor `name`: its
+    layers' tensors, and on the head every non-layer one; other towers' never."""
+    if is_other_tower(name):
+        return False
+    i = layer_index(name)
+    return is_head if i is None else start <= i < end
+
+
 def weight_map(model_dir: str | Path) -> dict[str, str]:
     """Tensor name -> file name, from the index (or the single file's header)."""
     model_dir = Path(model_dir)
@@ -56,11 +65,18 @@ def weight_map(model_dir: str | Path) -> dict[str, str]:
 
 def read_header(path: Path) -> dict[str, dict]:
     """The safetensors header of one file: tensor name -> {dtype, shape, data_offsets}."""
+    header, _ = read_full_header(path)
+    header.pop("__metadata__", None)
+    return header
+
+
+def read_full_header(path: Path) -> tuple[dict, int]:
+    """The whole safetensors header (`__metadata__` included) and the file offset its
+    tensor data starts at (data_offsets count from there)."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
 
 
 def tensor_bytes(model_dir: str | Path) -> dict[str, int]:

@@ -18,6 +18,7 @@ import json
 import socket
 import sys
 import threading
+from typing import Protocol
 
 import httpx
 import uvicorn
@@ -167,7 +168,17 @@ def serve_ring(
         sock.close()
 
 
-def serve_cluster(cluster: ClusterConfig, plan: Plan, model: str, opts: dict) -> int:
+class RingHooks(Protocol):
+    """What a ring needs at each start beyond its definition (`cluster.gather.WorkerRing`)."""
+
+    def prepare(self, cluster: ClusterConfig) -> ClusterConfig: ...  # e.g. fresh ports
+
+    def finish(self, specs: list[RankSpec]) -> list[RankSpec]: ...  # e.g. secrets
+
+
+def serve_cluster(
+    cluster: ClusterConfig, plan: Plan, model: str, opts: dict, hooks: RingHooks | None = None
+) -> int:
     """Run the cluster's ranks and serve its API at opts' host and port, restarting a failed
     ring when the cluster says `on_failure: restart`; the launcher's exit code.
 
@@ -182,7 +193,9 @@ def serve_cluster(cluster: ClusterConfig, plan: Plan, model: str, opts: dict) ->
         head = head if local_head else {}
         names = [node.name for node in cluster.nodes]
         job = {**opts, **head, "exit_on_failure": True, "nodes": names}
-        return rank_specs(cluster, plan, model, "serve", job)
+        ring = hooks.prepare(cluster) if hooks else cluster
+        made = rank_specs(ring, plan, model, "serve", job)
+        return hooks.finish(made) if hooks else made
 
     supervisor = Supervisor(specs(), respec=specs if restart else None)
     if not local_head:

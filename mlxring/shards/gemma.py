@@ -14,7 +14,6 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.gemma4_text import logit_softcap
 
 from mlxring.model.facts import check_kv_pairs, kv_sharing_pairs
-from mlxring.model.weights import is_other_tower
 from mlxring.shards.mlx_shard import Absent, MlxShard
 
 # modules of the text model that only the head holds
@@ -43,9 +42,6 @@ class GemmaShard(MlxShard):
     @property
     def window(self) -> int:
         return self.text_args.sliding_window
-
-    def keeps(self, name: str) -> bool:
-        return not is_other_tower(name) and super().keeps(name)
 
     def drop_head_modules(self) -> None:
         inner = self.lm.model

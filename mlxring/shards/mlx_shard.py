@@ -20,7 +20,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
 from mlxring.model.facts import CheckpointError
-from mlxring.model.weights import layer_index, load_subset
+from mlxring.model.weights import belongs, load_subset
 
 
 class Absent(nn.Module):
@@ -105,8 +105,7 @@ class MlxShard:
 
     def keeps(self, name: str) -> bool:
         """Whether checkpoint tensor `name` belongs to this shard."""
-        i = layer_index(name)
-        return self.is_head if i is None else self.start <= i < self.end
+        return belongs(name, self.start, self.end, self.is_head)
 
     @classmethod
     def load(cls, model_dir: str | Path, start: int, end: int, is_head: bool) -> MlxShard:

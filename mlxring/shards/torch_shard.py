@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mlxring.model.facts import CheckpointError, ModelFacts
-from mlxring.model.weights import is_other_tower, layer_index, weight_map
+from mlxring.model.weights import belongs, weight_map
 from mlxring.shards.torch_cache import LayerCaches, TorchKVCache, attention_mask, positions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -162,12 +162,9 @@ class TorchShard:
 
     def checkpoint_name(self, name: str) -> str | None:
         """The model's name for checkpoint tensor `name`, or None if it is not this shard's."""
-        if is_other_tower(name):
+        if not belongs(name, self.start, self.end, self.is_head):
             return None
-        name = _TEXT_HEAD.sub("lm_head.", _TEXT_PREFIX.sub("model.", name))
-        i = layer_index(name)
-        keep = self.is_head if i is None else self.start <= i < self.end
-        return name if keep else None
+        return _TEXT_HEAD.sub("lm_head.", _TEXT_PREFIX.sub("model.", name))
 
     def load_weights(self, model_dir: Path) -> None:
         """Read this shard's tensors from `model_dir` into the model, checking names and shapes."""

@@ -1,0 +1,153 @@
+"""The head's side of one worker: its authenticated session, weight shipping, ring ports.
+
+Shipping a bundle (`mlxring.model.bundle`): the head asks which files the worker has
+(by sha256), sends what is missing in sealed chunks, starting where a partial file ends
+(a resumed transfer), and waits for the worker's hash check of each file; a file whose
+hash does not match is sent again. A session that breaks mid-transfer (a tampered frame,
+a dropped connection) is reopened and the transfer resumes. Then the worker links the
+files into a model directory, whose path the rank is started with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from mlxring.crypto.handshake import HandshakeError
+from mlxring.crypto.link import IntegrityError
+from mlxring.crypto.session import Session, connect
+from mlxring.errors import UserError
+from mlxring.model.bundle import Bundle
+
+CHUNK = 1 << 20
+RETRIES = 3  # a file sent again after a failed hash check; a session reopened after a break
+
+
+@dataclass
+class Shipped:
+    path: str  # the bundle's model directory on the worker
+    sent: int  # bytes sent now
+    present: int  # bytes the worker already had (cached, or a partial file resumed)
+    files_sent: int
+
+
+class WorkerLink:
+    """The head's session with one worker, held while the head serves (the worker knows
+    its head is alive while it is open)."""
+
+    def __init__(self, name: str, address: tuple[str, int], key: bytes, chunk: int = CHUNK):
+        self.name, self.address, self.key = name, address, key
+        self.chunk = chunk  # bytes of weights per sealed message
+        self.session: Session | None = None
+        self.info: dict = {}
+
+    @property
+    def where(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def open(self) -> WorkerLink:
+        """Connect, authenticate and take the worker. Raises HandshakeError (another
+        key), ConnectionError (busy, unreachable)."""
+        self.close()
+        session = connect(self.address, self.key)
+        try:
+            self.info = session.request({"op": "hello"})
+        except BaseException:
+            session.close()
+            raise
+        self.session = session
+        return self
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    @property
+    def token(self) -> str:
+        return self.info["token"]
+
+    def ring_port(self) -> int:
+        return int(self._request({"op": "port"})["port"])
+
+    def _request(self, header: dict) -> dict:
+        try:
+            return self.session.request(header)
+        except (OSError, IntegrityError) as e:
+            raise UserError(f"worker {self.name!r} ({self.where}): {e}") from None
+
+    # shipping ---------------------------------------------------------------------
+    def ship(self, bundle: Bundle, files: list[dict], position: int = 0) -> Shipped:
+        """Make `bundle` (whose manifest is `files`) present on the worker; its path there."""
+        total = Shipped("", 0, 0, 0)
+        for attempt in range(RETRIES + 1):
+            try:
+                self._send_missing(bundle, files, total, position, first=attempt == 0)
+                total.path = self._request({"op": "bundle", "files": files})["path"]
+                return total
+            except (ConnectionError, IntegrityError, OSError) as e:
+                if attempt == RETRIES or isinstance(e, HandshakeError):
+                    raise UserError(
+                        f"worker {self.name!r} ({self.where}): the weight transfer failed: {e}"
+                    ) from None
+                print(
+                    f"mlxring: worker {self.name!r}: transfer interrupted ({e}); reconnecting",
+                    flush=True,
+                )
+                time.sleep(0.5)
+                self.open()
+        raise AssertionError("unreachable")
+
+    def _send_missing(
+        self, bundle: Bundle, files: list[dict], total: Shipped, position: int, first: bool
+    ) -> None:
+        by_path = {f.path: f for f in bundle.files}
+        have = self.session.request({"op": "have", "files": files})["have"]
+        missing = [(f, h) for f, h in zip(files, have) if h < f["size"]]
+        if first:  # what was there before this head sent anything
+            total.present = sum(have)
+        todo = sum(f["size"] - h for f, h in missing)
+        with tqdm(
+            total=todo,
+            unit="B",
+            unit_scale=True,
+            desc=f"weights to {self.name}",
+            position=position,
+            leave=False,
+            disable=not todo,
+        ) as bar:
+            for entry, offset in missing:
+                for attempt in range(RETRIES + 1):
+                    sent = self._send_file(by_path[entry["path"]], entry, offset, bar)
+                    total.sent += sent
+                    if self.session.request({"op": "done", **_ids(entry)})["stored"]:
+                        total.files_sent += 1
+                        break
+                    if attempt == RETRIES:
+                        raise UserError(
+                            f"worker {self.name!r}: {entry['path']} arrived corrupted "
+                            f"{RETRIES + 1} times; check the worker's disk and memory"
+                        )
+                    print(
+                        f"mlxring: worker {self.name!r}: {entry['path']} failed its hash "
+                        "check; sending it again",
+                        flush=True,
+                    )
+                    bar.total += entry["size"]
+                    offset = 0
+
+    def _send_file(self, file, entry: dict, offset: int, bar) -> int:
+        sent = 0
+        for data in file.chunks(offset, self.chunk):
+            header = {"op": "put", **_ids(entry), "offset": offset}
+            self.session.send(header, data)
+            offset += len(data)
+            sent += len(data)
+            bar.update(len(data))
+        return sent
+
+
+def _ids(entry: dict) -> dict:
+    return {"path": entry["path"], "sha256": entry["sha256"], "size": entry["size"]}
