@@ -32,7 +32,7 @@ class Host:
         """Run `argv` inside this host's namespace, in a process group of its own (stop it
         with os.killpg)."""
         return subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, *argv], start_new_session=True, **kw
+            ["ip", "netns", "exec", self.ns, *argv], **{**kw, "start_new_session": True}
         )
 
     def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:

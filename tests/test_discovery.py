@@ -80,7 +80,7 @@ def workers():
             procs[name] = advertise(name, port, memory, key, *LOOPBACK)
         bad = {"protocol": "1", "name": f"bad-{RUN}", "mem": "lots", "tag": "zz"}
         info = ServiceInfo(SERVICE, f"bad-{RUN}.{SERVICE}", port=7105, properties=bad,
-                           parsed_addresses=LOOPBACK)  # fmt: skip
+                           server=f"bad-{RUN}.local.", parsed_addresses=LOOPBACK)  # fmt: skip
         zc.register_service(info)
         for name, proc in procs.items():
             assert first_line(proc) == "ready", name

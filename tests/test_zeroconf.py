@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
@@ -31,6 +32,7 @@ from mlxring.crypto.session import connect
 from mlxring.model import tokenizer as prompts
 from mlxring.model.bundle import manifest, plan_bundle
 from mlxring.model.weights import layer_index, read_header
+from tests import netns
 from tests.ringutil import free_port, kill_group
 
 PROMPT = "Rings of machines"
@@ -41,9 +43,9 @@ CHUNK = 16 << 10  # the tiny model's files are small: several chunks to a file
 class Proc:
     """A started process (own process group) whose output lines are collected."""
 
-    def __init__(self, argv: list[str], env: dict | None = None):
+    def __init__(self, argv: list[str], env: dict | None = None, host: netns.Host | None = None):
         self.argv = argv
-        self.proc = subprocess.Popen(
+        self.proc = (host.popen if host else subprocess.Popen)(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -82,11 +84,14 @@ class Proc:
         return self.proc.wait()
 
 
-def mlxring(*args: str, env: dict | None = None) -> Proc:
-    return Proc([sys.executable, "-m", "mlxring", *args], env)
+def mlxring(*args: str, env: dict | None = None, host: netns.Host | None = None) -> Proc:
+    return Proc([sys.executable, "-m", "mlxring", *args], env, host)
 
 
-def worker(key: Path, name: str, cache: Path, *extra: str) -> tuple[Proc, int]:
+def worker(
+    key: Path, name: str, cache: Path, *extra: str, host: netns.Host | None = None
+) -> tuple[Proc, int]:
+    """`mlxring worker` on loopback, or on `host`'s address in its namespace."""
     port = free_port()
     w = mlxring(
         "worker",
@@ -99,14 +104,18 @@ def worker(key: Path, name: str, cache: Path, *extra: str) -> tuple[Proc, int]:
         "--cache-dir",
         str(cache),
         "--interface",
-        "127.0.0.1",
+        host.ip if host else "127.0.0.1",
         *extra,
+        host=host,
     )
     w.wait_for("waiting for a head", 60)
     return w, port
 
 
-def serve(model: str, key: Path, min_workers: int, port: int, *extra: str, env=None) -> Proc:
+def serve(
+    model: str, key: Path, min_workers: int, port: int, *extra: str, env=None, host=None
+) -> Proc:
+    """`mlxring serve` on loopback, or on `host`'s address in its namespace."""
     return mlxring(
         "serve",
         model,
@@ -117,11 +126,12 @@ def serve(model: str, key: Path, min_workers: int, port: int, *extra: str, env=N
         "--discovery-timeout",
         "60",
         "--interface",
-        "127.0.0.1",
+        host.ip if host else "127.0.0.1",
         "--port",
         str(port),
         *extra,
         env=env,
+        host=host,
     )
 
 
@@ -203,6 +213,8 @@ def test_head_finds_both_workers_and_serves_mlx_lm_greedy_tokens(zeroconf, tiny_
     assert answer(zeroconf["api"], tiny_llama.name) == greedy  # the second head: the same
     log = zeroconf["first"].text
     assert "admitted worker 'w1'" in log and "admitted worker 'w2'" in log
+    w1, w2 = zeroconf["workers"]  # a mixed ring: torch (Linux's default) and mlx
+    assert "worker w1: torch/cpu" in w1.text and "worker w2: mlx/cpu" in w2.text
     assert "stranger" not in log.split("serving")[0].replace("'stranger'", "")
 
 
@@ -413,3 +425,39 @@ def test_too_few_workers_names_what_was_seen_and_why(tiny_llama, tmp_path):
         assert "Traceback" not in text
     finally:
         w.stop()
+
+
+# across hosts ---------------------------------------------------------------------
+
+ANSWER = """
+import json, sys, openai
+client = openai.OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key="-", max_retries=0)
+chat = client.chat.completions.create(model=sys.argv[2], max_tokens=int(sys.argv[4]),
+    messages=[{"role": "user", "content": sys.argv[3]}], temperature=0, timeout=120)
+print(json.dumps([chat.choices[0].message.content, chat.usage.completion_tokens]))
+"""
+
+
+def test_a_head_and_two_workers_on_three_hosts(tiny_llama, tmp_path, greedy):
+    """Three network namespaces on one link (ip netns + veth): the ring crosses real
+    interfaces, discovery is multicast between hosts, nothing is on loopback but the API."""
+    if reason := netns.skip_reason():
+        pytest.skip(reason)
+    key = key_file(tmp_path / "k")
+    started: list[Proc] = []
+    with netns.make_hosts(3) as (h0, h1, h2):
+        try:
+            for host, name in ((h1, "w1"), (h2, "w2")):
+                started.append(worker(key, name, tmp_path / name, host=host)[0])
+            head = serve(str(tiny_llama), key, 2, 8000, host=h0)
+            started.append(head)
+            head.wait_for(r"serving .* at http", 240)
+            assert f"admitted worker 'w1' ({h1.ip}:" in head.text
+            assert f"admitted worker 'w2' ({h2.ip}:" in head.text
+            argv = [sys.executable, "-c", ANSWER, "8000", tiny_llama.name, PROMPT, str(MAX_TOKENS)]
+            done = h0.run(argv, capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, done.stderr
+            assert tuple(json.loads(done.stdout)) == greedy
+        finally:
+            for p in reversed(started):
+                p.stop()

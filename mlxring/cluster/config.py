@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Literal, get_args
@@ -64,13 +66,29 @@ class _Problem(ValueError):
 
 
 def is_local_host(host: str) -> bool:
-    """True for localhost and loopback addresses (127.x.x.x, ::1)."""
+    """True for localhost, loopback addresses (127.x.x.x, ::1) and this machine's own IP
+    addresses (a node given by its LAN address runs here as a local process)."""
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if address.is_unspecified or address.is_multicast:
+        return False
+    return address.is_loopback or _own_address(str(address))
+
+
+@functools.lru_cache(maxsize=64)
+def _own_address(ip: str) -> bool:
+    """Whether `ip` is an address of this machine: only then can a socket bind to it."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((ip, 0))
+        except OSError:
+            return False
+    return True
 
 
 def _show(value: object) -> str:

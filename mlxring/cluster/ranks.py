@@ -122,8 +122,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def ring_address(rank: int, node: NodeConfig) -> str:
     """`ip:port` of a rank for the ring hostfile (the ring backend wants IPs)."""
-    if node.is_local:
-        return f"127.0.0.1:{node.port or free_port()}"
+    if node.is_local:  # this machine: by loopback, or by the address it was given
+        ip = "127.0.0.1" if node.host == "localhost" else node.host
+        return f"{ip}:{node.port or free_port(ip)}"
     try:
         ip = socket.gethostbyname(node.host)
     except OSError as e:
