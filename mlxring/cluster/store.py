@@ -48,7 +48,8 @@ class Store:
         self.root = Path(root).expanduser().resolve()
         for sub in ("blobs", "partial", "bundles"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._hashing: dict[str, tuple[int, object]] = {}  # sha -> (offset, running hash)
+        # sha -> (open partial file, running hash, bytes written) of files arriving now
+        self._writing: dict[str, tuple] = {}
 
     def blob(self, sha: str) -> Path:
         return self.root / "blobs" / check_sha(sha)
@@ -71,26 +72,36 @@ class Store:
 
     def write(self, sha: str, offset: int, data: bytes) -> None:
         """Append `data` at `offset` of the partial file (which must end there)."""
-        partial = self.partial(sha)
-        current = partial.stat().st_size if partial.is_file() else 0
-        if offset != current:
-            raise StoreError(f"chunk of {sha[:12]} at {offset}, but {current} bytes are here")
-        done, hasher = self._hashing.get(sha, (None, None))
-        if done != offset:  # a resumed file: hash what is already here first
+        f, hasher, done = self._writing.get(sha, (None, None, None))
+        if done != offset:  # a new or resumed file: hash what is already here first
+            self.close(sha)
+            partial = self.partial(sha)
+            current = partial.stat().st_size if partial.is_file() else 0
+            if offset != current:
+                raise StoreError(f"chunk of {sha[:12]} at {offset}, but {current} bytes are here")
             hasher = hashlib.sha256()
-            if offset:
-                with open(partial, "rb") as f:
-                    while block := f.read(1 << 22):
-                        hasher.update(block)
-        with open(partial, "ab") as f:
-            f.write(data)
+            f = open(partial, "a+b")  # noqa: SIM115 (kept open across chunks; closed by close())
+            f.seek(0)
+            while block := f.read(1 << 22):
+                hasher.update(block)
+        f.write(data)
         hasher.update(data)
-        self._hashing[sha] = (offset + len(data), hasher)
+        self._writing[sha] = (f, hasher, offset + len(data))
+
+    def close(self, sha: str | None = None) -> None:
+        """Close the partial file of `sha` (all of them: None) kept open between chunks."""
+        for key in [sha] if sha else list(self._writing):
+            if (entry := self._writing.pop(key, None)) is not None:
+                entry[0].close()
 
     def finish(self, sha: str, size: int) -> bool:
         """Check the arrived file against its hash; keep it (True) or delete it (False)."""
+        f, hasher, done = self._writing.pop(sha, (None, None, None))
+        if f is not None:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
         partial = self.partial(sha)
-        done, hasher = self._hashing.pop(sha, (None, None))
         if not partial.is_file() or partial.stat().st_size != size:
             partial.unlink(missing_ok=True)
             return False
@@ -102,8 +113,6 @@ class Store:
         if hasher.hexdigest() != sha:
             partial.unlink()
             return False
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
         os.replace(partial, self.blob(sha))
         return True
 

@@ -177,6 +177,7 @@ class Worker:
             )
             self._head_loop(session)
         finally:
+            self.store.close()  # partial files of a transfer cut short
             with self.lock:
                 self.owner = None
             self._stop_ranks(token)
@@ -207,7 +208,7 @@ class Worker:
                     session.send({"port": self._ring_port()})
                 else:
                     session.send({"error": f"unknown request {op!r}"})
-            except (StoreError, KeyError, TypeError) as e:
+            except (StoreError, KeyError, TypeError, OSError) as e:
                 session.send({"error": f"worker {self.name!r}: {e}"})
             if bar is not None and op in ("done", "bundle"):
                 bar.close()

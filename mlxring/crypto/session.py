@@ -58,19 +58,24 @@ class Session:
         body = _LEN.pack(len(meta)) + meta + payload
         with self._send_lock:  # several threads may report on one session
             size = _LEN.pack(len(body) + 16)
-            self.sock.sendall(size + self._out.seal(body, size))
+            sealed = self._out.seal(body, size)
+            if len(sealed) < 65536:
+                self.sock.sendall(size + sealed)
+            else:  # no copy of a large frame to prepend 4 bytes
+                self.sock.sendall(size)
+                self.sock.sendall(sealed)
 
-    def recv(self) -> tuple[dict, bytes]:
+    def recv(self) -> tuple[dict, memoryview]:
         """The next message (header, payload). Raises SessionClosed at a clean end,
         IntegrityError for a frame that fails authentication or is malformed."""
         size = _read(self.sock, _LEN.size, eof_ok=True)
         (n,) = _LEN.unpack(size)
         if not 16 < n <= MAX_FRAME:
             raise IntegrityError(f"a frame from {self.peer} has an impossible size ({n} bytes)")
-        body = self._in.open(_read(self.sock, n), size)
+        body = memoryview(self._in.open(_read(self.sock, n), size))
         (m,) = _LEN.unpack_from(body)
         try:
-            header = json.loads(body[4 : 4 + m])
+            header = json.loads(bytes(body[4 : 4 + m]))
         except ValueError:
             raise IntegrityError(f"a frame from {self.peer} has a malformed header") from None
         if not isinstance(header, dict):
@@ -92,16 +97,17 @@ class Session:
         self.sock.close()
 
 
-def _read(sock: socket.socket, n: int, eof_ok: bool = False) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(min(n - len(data), 1 << 20))
-        if not chunk:
-            if eof_ok and not data:
+def _read(sock: socket.socket, n: int, eof_ok: bool = False) -> bytearray:
+    data = bytearray(n)
+    view, got = memoryview(data), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            if eof_ok and not got:
                 raise SessionClosed("the peer closed the connection")
             raise ConnectionError("the connection closed in the middle of a message")
-        data += chunk
-    return bytes(data)
+        got += k
+    return data
 
 
 def _check(end: LinkEnd, theirs: Hello, role: int, what: str) -> None:
