@@ -461,3 +461,32 @@ def test_a_head_and_two_workers_on_three_hosts(tiny_llama, tmp_path, greedy):
         finally:
             for p in reversed(started):
                 p.stop()
+
+
+def test_a_config_file_names_a_worker_instead_of_mdns(tiny_llama, tmp_path):
+    """Where mDNS cannot reach: a cluster file gives the worker's address (`worker:`); its
+    memory is asked of the worker, its layers shipped, its rank run there."""
+    key = key_file(tmp_path / "k")
+    w, port = worker(key, f"cfg{port_suffix()}", tmp_path / "cache", "--backend", "mlx")
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f"name: by-file\ncluster_key_file: {key}\nnodes:\n"
+        "  - {name: head, host: localhost, memory_gb: 8}\n"
+        f"  - {{name: far, host: 127.0.0.1, memory_gb: auto, worker: '127.0.0.1:{port}'}}\n"
+    )
+    try:
+        argv = [sys.executable, "-m", "mlxring", "generate", "--config", str(config)]
+        argv += ["--model", str(tiny_llama), "--prompt", PROMPT, "--raw", "--json"]
+        argv += ["--max-tokens", str(MAX_TOKENS)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        got = json.loads(done.stdout)["tokens"]  # stdout: the job's output only
+        assert re.search(r"worker 'far': layers \d+-5: sent", done.stdout + done.stderr)
+    finally:
+        w.stop()
+    model, tokenizer = mlx_lm_load(str(tiny_llama))
+    ids = prompts.encode_prompt(tokenizer, PROMPT, raw=True)
+    want = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=MAX_TOKENS)]
+    assert got == want
+    layers, _ = bundle_layers(tmp_path / "cache")
+    assert layers and None not in layers and 0 not in layers

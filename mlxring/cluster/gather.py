@@ -8,11 +8,13 @@ start of the ring fresh ring ports on the workers and each attach process its se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mlxring.cluster.attach import TOKEN_ENV
@@ -21,7 +23,7 @@ from mlxring.cluster.discovery import Advert, Browser
 from mlxring.cluster.fit import cluster_plan
 from mlxring.cluster.plan import GIB, Plan
 from mlxring.cluster.ranks import RankSpec, free_port
-from mlxring.cluster.ship import Shipped, WorkerLink
+from mlxring.cluster.ship import Shipped, WorkerLink, launcher_key, open_worker, say
 from mlxring.crypto.handshake import HandshakeError
 from mlxring.crypto.keys import KEY_ENV
 from mlxring.errors import UserError
@@ -79,7 +81,7 @@ def gather(
                     s.advert = adv
                     _admit(s, key)
                     if s.link is not None:
-                        print(f"mlxring: admitted worker {adv.name!r} ({s.link.where})", flush=True)
+                        say(f"admitted worker {adv.name!r} ({s.link.where})")
             admitted = sum(s.link is not None for s in seen.values())
             if admitted >= min_workers and now - last_new >= QUIET:
                 break
@@ -174,11 +176,10 @@ def ship_all(
                 raise result
             raise UserError(f"worker {link.name!r}: the weight transfer failed: {result}")
         start, end = spans[link.name]
-        print(
-            f"mlxring: worker {link.name!r}: layers {start}-{end - 1}: sent "
+        say(
+            f"worker {link.name!r}: layers {start}-{end - 1}: sent "
             f"{result.sent / 1e6:.1f} MB in {result.files_sent} files "
-            f"({result.present / 1e6:.1f} MB already there)",
-            flush=True,
+            f"({result.present / 1e6:.1f} MB already there)"
         )
     models = {link.name: results[link.name].path for link in links}
     nodes = tuple(
@@ -186,6 +187,29 @@ def ship_all(
         for n in cluster.nodes
     )
     return dataclasses.replace(cluster, nodes=nodes)
+
+
+@contextlib.contextmanager
+def config_workers(
+    cluster: ClusterConfig, plan: Plan, model: str, cache_dir: str | None = None
+) -> Iterator[tuple[ClusterConfig, WorkerRing | None]]:
+    """For a config whose nodes name mlxring workers (`worker: IP:PORT`): open their
+    sessions, ship each its bundle; the cluster with their bundles' paths and the ring
+    hooks (None, and the cluster unchanged, when no node names a worker)."""
+    nodes = [n for n in cluster.nodes if n.worker]
+    if not nodes:
+        yield cluster, None
+        return
+    key = launcher_key(cluster)
+    ring = WorkerRing([], key)
+    try:
+        for node in nodes:
+            ring.links[node.name] = open_worker(node, key)
+        links = list(ring.links.values())
+        cluster = ship_all(cluster, plan, model, links, cache_dir or f"{cache_home()}/head")
+        yield cluster, ring
+    finally:
+        ring.close()
 
 
 class WorkerRing:

@@ -9,8 +9,10 @@ import subprocess
 
 from mlxring.cluster.config import ClusterConfig, NodeConfig, load_config
 from mlxring.cluster.fit import cluster_plan
+from mlxring.cluster.gather import config_workers
 from mlxring.cluster.plan import Plan, keep_kv_pairs, split_layers
 from mlxring.cluster.ranks import RankSpec, rank_specs, ssh_argv
+from mlxring.cluster.ship import worker_memory
 from mlxring.cluster.supervise import Supervisor
 from mlxring.errors import UserError
 from mlxring.model.source import resolve_model
@@ -90,7 +92,11 @@ def resolve(
             f"model {model} holds only some of the layers (a bundle of `mlxring split`?): "
             "set layers: on every node as split printed them, or pass the whole model"
         )
-    plan = cluster_plan(cluster, model, remote_memory_bytes if contact_nodes else not_asked)
+
+    def detect(node: NodeConfig) -> int:  # memory_gb: auto of a node elsewhere
+        return worker_memory(node, cluster) if node.worker else remote_memory_bytes(node)
+
+    plan = cluster_plan(cluster, model, detect if contact_nodes else not_asked)
     return cluster, model, plan
 
 
@@ -108,8 +114,11 @@ def launch_job(
     The head's output goes to `head_output` (a binary stream; default stdout); `compute`
     sets the backend of a local ring's nodes (see `local_ring`)."""
     cluster, model, plan = resolve(config, ranks, model, compute)
-    specs = rank_specs(cluster, plan, model, job, job_options)
-    return run_specs(specs, job, job_options, head_output)
+    with config_workers(cluster, plan, model) as (cluster, workers):
+        ring = workers.prepare(cluster) if workers else cluster
+        specs = rank_specs(ring, plan, model, job, job_options)
+        specs = workers.finish(specs) if workers else specs
+        return run_specs(specs, job, job_options, head_output)
 
 
 def run_specs(specs: list[RankSpec], job: str, job_options: dict, head_output=None) -> int:

@@ -10,12 +10,15 @@ files into a model directory, whose path the rank is started with.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from mlxring.cluster.config import ClusterConfig, NodeConfig
 from mlxring.crypto.handshake import HandshakeError
+from mlxring.crypto.keys import KEY_ENV, key_from_env, read_key_file
 from mlxring.crypto.link import IntegrityError
 from mlxring.crypto.session import Session, connect
 from mlxring.errors import UserError
@@ -31,6 +34,11 @@ class Shipped:
     sent: int  # bytes sent now
     present: int  # bytes the worker already had (cached, or a partial file resumed)
     files_sent: int
+
+
+def say(message: str) -> None:
+    """A line of the launcher's own (stderr: stdout carries a job's output)."""
+    print(f"mlxring: {message}", file=sys.stderr, flush=True)
 
 
 class WorkerLink:
@@ -92,10 +100,7 @@ class WorkerLink:
                     raise UserError(
                         f"worker {self.name!r} ({self.where}): the weight transfer failed: {e}"
                     ) from None
-                print(
-                    f"mlxring: worker {self.name!r}: transfer interrupted ({e}); reconnecting",
-                    flush=True,
-                )
+                say(f"worker {self.name!r}: transfer interrupted ({e}); reconnecting")
                 time.sleep(0.5)
                 self.open()
         raise AssertionError("unreachable")
@@ -130,10 +135,9 @@ class WorkerLink:
                             f"worker {self.name!r}: {entry['path']} arrived corrupted "
                             f"{RETRIES + 1} times; check the worker's disk and memory"
                         )
-                    print(
-                        f"mlxring: worker {self.name!r}: {entry['path']} failed its hash "
-                        "check; sending it again",
-                        flush=True,
+                    say(
+                        f"worker {self.name!r}: {entry['path']} failed its hash "
+                        "check; sending it again"
                     )
                     bar.total += entry["size"]
                     offset = 0
@@ -151,3 +155,44 @@ class WorkerLink:
 
 def _ids(entry: dict) -> dict:
     return {"path": entry["path"], "sha256": entry["sha256"], "size": entry["size"]}
+
+
+# workers named in a config file (`worker: IP:PORT`) --------------------------------
+
+
+def launcher_key(cluster: ClusterConfig) -> bytes:
+    """The cluster key this launcher proves to workers: the cluster's key file, or the
+    environment."""
+    file = cluster.cluster_key_file or cluster.head.cluster_key_file
+    key = read_key_file(file) if file else key_from_env()
+    if key is None:
+        raise UserError(
+            f"nodes run on mlxring workers need the cluster key here too: set "
+            f"cluster_key_file or {KEY_ENV}"
+        )
+    return key
+
+
+def open_worker(node: NodeConfig, key: bytes) -> WorkerLink:
+    """The authenticated session with the worker a config node names; one clear line when
+    it cannot be had."""
+    host, _, port = node.worker.rpartition(":")
+    link = WorkerLink(node.name, (host.strip("[]"), int(port)), key)
+    try:
+        return link.open()
+    except HandshakeError as e:
+        raise UserError(f"node {node.name!r}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"node {node.name!r}: cannot use the worker at {node.worker} ({e}); is "
+            "`mlxring worker` running there, with this cluster's key?"
+        ) from None
+
+
+def worker_memory(node: NodeConfig, cluster: ClusterConfig) -> int:
+    """`memory_gb: auto` of a node on an mlxring worker: what the worker offers."""
+    link = open_worker(node, launcher_key(cluster))
+    try:
+        return int(link.info["memory"])
+    finally:
+        link.close()

@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 
 from mlxring.cluster.config import ClusterConfig
 from mlxring.cluster.fit import api_warning, plan_table
+from mlxring.cluster.gather import config_workers
 from mlxring.cluster.launch import resolve
 from mlxring.cluster.protocol import API_KEYS_ENV
 from mlxring.cluster.ranks import rank_specs
@@ -67,15 +68,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"mlxring: warning: {warning}", file=sys.stderr)
     opts = serve_options(cluster, model, args)
     if not args.dry_run:  # plan once: `auto` memory of remote nodes is asked over ssh
-        return serve_cluster(cluster, plan, model, opts)
+        with config_workers(cluster, plan, model) as (cluster, workers):
+            return serve_cluster(cluster, plan, model, opts, workers)
     specs = rank_specs(cluster, plan, model, "serve", opts)
     print(plan_table(cluster, plan, model))
     for var, content in sorted(specs[0].files.items()):
         print(f"\n{var}:\n{json.dumps(json.loads(content), indent=2)}")
     for spec in specs:
-        where = (
-            "local process" if not spec.remote else f"over ssh to {spec.node.ssh or spec.node.host}"
-        )
+        if spec.node.worker:
+            where = f"on the mlxring worker at {spec.node.worker}, from the bundle it is sent"
+        elif spec.remote:
+            where = f"over ssh to {spec.node.ssh or spec.node.host}"
+        else:
+            where = "local process"
         print(f"\nrank {spec.rank} ({spec.node.name}, {where}):\n  {spec.script()}")
         if secrets := sorted({*spec.secret_env, *spec.stdin_env}):
             how = "on its stdin" if spec.stdin_env else "in its environment"
