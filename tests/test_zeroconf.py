@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from mlxring.model.bundle import manifest, plan_bundle
 from mlxring.model.weights import layer_index, read_header
 from tests import netns
 from tests.ringutil import free_port, kill_group
+from tests.tamper_proxy import FaultProxy
 
 PROMPT = "Rings of machines"
 MAX_TOKENS = 10
@@ -262,53 +262,6 @@ def test_a_busy_worker_refuses_a_second_head(zeroconf):
 # shipping, driven directly --------------------------------------------------------
 
 
-class Proxy:
-    """Forwards one TCP connection at a time to `port`; the first connection is cut after
-    `cut` head->worker bytes, or has the byte at `flip` inverted."""
-
-    def __init__(self, port: int, cut: int | None = None, flip: int | None = None):
-        self.port, self.cut, self.flip = port, cut, flip
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.address = self.server.getsockname()
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            upstream = socket.create_connection(("127.0.0.1", self.port))
-            faulty = self.connections == 1
-            threading.Thread(
-                target=self._pipe, args=(client, upstream, faulty), daemon=True
-            ).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, faulty: bool) -> None:
-        seen = 0
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if faulty and self.cut is not None and seen + len(data) >= self.cut:
-                    dst.sendall(data[: self.cut - seen])
-                    break
-                if faulty and self.flip is not None and seen <= self.flip < seen + len(data):
-                    data = bytearray(data)
-                    data[self.flip - seen] ^= 0x40
-                    data = bytes(data)
-                seen += len(data)
-                dst.sendall(data)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def close(self) -> None:
-        self.server.close()
-
-
 @pytest.fixture()
 def lone_worker(tmp_path):
     key = key_file(tmp_path / "k")
@@ -323,10 +276,10 @@ def port_suffix() -> str:
     return str(free_port())
 
 
-def ship_through(proxy: Proxy, key: bytes, model, layers=(2, 5)):
+def ship_through(proxy: FaultProxy, key: bytes, model, layers=(2, 5)):
     bundle = plan_bundle(model, *layers, is_head=False)
     files = manifest(bundle)
-    link = WorkerLink("lone", proxy.address, key, chunk=CHUNK).open()
+    link = WorkerLink("lone", ("127.0.0.1", proxy.port), key, chunk=CHUNK).open()
     try:
         return link.ship(bundle, files), bundle, files
     finally:
@@ -341,7 +294,7 @@ def check_cache(cache: Path, files: list[dict]) -> None:
 
 def test_an_interrupted_transfer_resumes_where_it_stopped(lone_worker, tiny_llama):
     w, port, key, cache = lone_worker
-    proxy = Proxy(port, cut=300_000)
+    proxy = FaultProxy(port, cut=300_000)
     try:
         shipped, bundle, files = ship_through(proxy, key, tiny_llama)
     finally:
@@ -355,7 +308,7 @@ def test_an_interrupted_transfer_resumes_where_it_stopped(lone_worker, tiny_llam
 
 def test_a_corrupted_chunk_is_detected_and_sent_again(lone_worker, tiny_llama):
     w, port, key, cache = lone_worker
-    proxy = Proxy(port, flip=200_000)  # inside the first chunk's sealed bytes
+    proxy = FaultProxy(port, flip=200_000)  # inside the first chunk's sealed bytes
     try:
         shipped, bundle, files = ship_through(proxy, key, tiny_llama)
     finally:
@@ -372,7 +325,7 @@ def test_a_partial_file_corrupted_on_disk_fails_its_hash_and_is_sent_again(lone_
     big = max(files, key=lambda f: f["size"])
     half = next(f for f in bundle.files if f.path == big["path"]).read(0, big["size"] // 2)
     (cache / "partial" / big["sha256"]).write_bytes(bytes(b ^ 1 for b in half[:64]) + half[64:])
-    proxy = Proxy(port)
+    proxy = FaultProxy(port)
     try:
         shipped, _, _ = ship_through(proxy, key, tiny_llama)
     finally:

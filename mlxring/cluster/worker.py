@@ -12,39 +12,24 @@ When the head's session ends, its ranks are stopped and the worker waits for the
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mlxring.cluster import protocol
 from mlxring.cluster.discovery import Advertiser
+from mlxring.cluster.hosted import HostedRank
 from mlxring.cluster.store import Store, StoreError
 from mlxring.crypto.handshake import HandshakeError
-from mlxring.crypto.keys import KEY_ENV
 from mlxring.crypto.link import IntegrityError
 from mlxring.crypto.session import Session, SessionClosed, accept
 from mlxring.errors import UserError
 
 RING_PORTS = 8  # the worker uses its control port P and P+1 .. P+RING_PORTS for ring links
-STOP_GRACE = 3.0
-# what a head may set in a rank's environment, and which files it may have written
-_ENV = {
-    protocol.MLX_RANK,
-    protocol.WATCH_PARENT_ENV,
-    protocol.JACCL_COORDINATOR,
-    protocol.JACCL_RING,
-    "PYTHONUNBUFFERED",
-}
-_FILES = {protocol.MLX_HOSTFILE, protocol.JACCL_DEVICES}
 
 
 def detect_compute() -> tuple[str, str]:
@@ -77,7 +62,7 @@ class Worker:
         self.interfaces = interfaces
         self.lock = threading.Lock()
         self.owner: tuple[str, str] | None = None  # (token, head address) of the head in charge
-        self.ranks: dict[int, tuple[str, subprocess.Popen]] = {}  # pid -> (token, process)
+        self.ranks: dict[int, tuple[str, HostedRank]] = {}  # pid -> (head's token, rank)
         self.next_port = 0
         self.stopping = threading.Event()
 
@@ -247,101 +232,19 @@ class Worker:
         if owner is None or not secrets.compare_digest(str(header.get("token")), owner[0]):
             session.send({"error": f"worker {self.name!r} does not serve that head"})
             return
-        try:
-            argv, env, temp = self._rank_command(header)
-        except (ValueError, TypeError, KeyError) as e:
-            session.send({"error": f"worker {self.name!r}: {e}"})
-            return
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                start_new_session=True,
-            )
-        except OSError as e:
-            session.send({"error": f"worker {self.name!r} cannot start the rank: {e}"})
+        rank = HostedRank.start(session, header, self.store, self.key, self.name)
+        if rank is None:
             return
         with self.lock:
-            self.ranks[proc.pid] = (owner[0], proc)
-        relays = [
-            threading.Thread(target=self._relay, args=(session, stream, n), daemon=True)
-            for n, stream in ((1, proc.stdout), (2, proc.stderr))
-        ]
-        for t in relays:
-            t.start()
-        threading.Thread(target=self._signals, args=(session, proc), daemon=True).start()
-        code = proc.wait()
-        for t in relays:
-            t.join(timeout=5)
-        with self.lock:
-            self.ranks.pop(proc.pid, None)
-        for path in temp:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        with contextlib.suppress(OSError):
-            session.send({"op": "exit", "code": code})
-
-    def _rank_command(self, header: dict) -> tuple[list[str], dict, list[str]]:
+            self.ranks[rank.proc.pid] = (owner[0], rank)
         try:
-            args = protocol.RankArgs.parse(list(header["args"]))
-        except SystemExit:
-            raise ValueError("a malformed rank command") from None
-        if not self.store.owns(args.model):
-            raise ValueError(f"{args.model} is not a bundle of this worker's cache")
-        argv = [sys.executable, "-m", protocol.RANK_MODULE, *args.argv()]
-        env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
-        env.update({k: str(v) for k, v in header.get("env", {}).items() if k in _ENV})
-        env[KEY_ENV] = self.key.hex()  # the worker's own key: never sent by the head
-        root = str(Path(__file__).resolve().parents[2])  # run this very mlxring
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        temp = []
-        for var, content in header.get("files", {}).items():
-            if var not in _FILES:
-                continue
-            fd, path = tempfile.mkstemp(prefix="mlxring-")
-            with os.fdopen(fd, "w") as f:
-                f.write(str(content))
-            env[var] = path
-            temp.append(path)
-        env[protocol.TEMP_FILES_ENV] = " ".join(temp)
-        return argv, env, temp
-
-    @staticmethod
-    def _relay(session: Session, stream, number: int) -> None:
-        with contextlib.suppress(OSError):
-            while data := stream.read1(65536):
-                session.send({"op": "out", "fd": number}, data)
-
-    def _signals(self, session: Session, proc: subprocess.Popen) -> None:
-        """Signals from the head's attach process; its connection gone: stop the rank."""
-        try:
-            while proc.poll() is None:
-                header, _ = session.recv()
-                if header.get("op") == "signal" and header.get("sig") in (2, 9, 15):
-                    _kill(proc, header["sig"])
-        except (ConnectionError, IntegrityError, OSError):
-            _stop(proc)
+            rank.serve()
+        finally:
+            with self.lock:
+                self.ranks.pop(rank.proc.pid, None)
 
     def _stop_ranks(self, token: str | None) -> None:
         with self.lock:
             procs = [p for t, p in self.ranks.values() if token is None or t == token]
-        for proc in procs:
-            _stop(proc)
-
-
-def _kill(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM a rank's process group, SIGKILL it after STOP_GRACE."""
-    _kill(proc, signal.SIGTERM)
-    try:
-        proc.wait(STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        _kill(proc, signal.SIGKILL)
-        proc.wait()
+        for rank in procs:
+            rank.stop()
