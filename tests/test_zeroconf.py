@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import openai
 import pytest
@@ -37,6 +38,7 @@ from tests.tamper_proxy import FaultProxy
 
 PROMPT = "Rings of machines"
 MAX_TOKENS = 10
+W2 = ("--backend", "mlx", "--device", "cpu")
 CHUNK = 16 << 10  # the tiny model's files are small: several chunks to a file
 
 
@@ -89,10 +91,10 @@ def mlxring(*args: str, env: dict | None = None, host: netns.Host | None = None)
 
 
 def worker(
-    key: Path, name: str, cache: Path, *extra: str, host: netns.Host | None = None
+    key: Path, name: str, cache: Path, *extra: str, host: netns.Host | None = None, port=None
 ) -> tuple[Proc, int]:
     """`mlxring worker` on loopback, or on `host`'s address in its namespace."""
-    port = free_port()
+    port = port or free_port()
     w = mlxring(
         "worker",
         "--cluster-key-file",
@@ -185,7 +187,7 @@ def zeroconf(tiny_llama, tmp_path_factory):
     try:
         w1, w1_port = worker(key, "w1", tmp / "c1")
         started.append(w1)
-        w2, _ = worker(key, "w2", tmp / "c2", "--backend", "mlx", "--device", "cpu")
+        w2, w2_port = worker(key, "w2", tmp / "c2", *W2)
         started.append(w2)
         stranger, stranger_port = worker(other_key, "stranger", tmp / "c3")
         started.append(stranger)
@@ -200,7 +202,8 @@ def zeroconf(tiny_llama, tmp_path_factory):
         second = serve(str(tiny_llama), key, 2, api)
         started.append(second)
         second.wait_for(r"serving .* at http", 240)
-        result.update(second=second, workers=(w1, w2), stranger=stranger)
+        result.update(second=second, workers=(w1, w2), stranger=stranger, started=started)
+        result["w2_port"] = w2_port
         result["stranger_port"] = stranger_port
         yield result
     finally:
@@ -257,6 +260,32 @@ def test_a_busy_worker_refuses_a_second_head(zeroconf):
     link = WorkerLink("w1", ("127.0.0.1", zeroconf["w1_port"]), key)
     with pytest.raises(ConnectionError, match="serves the head at"):
         link.open()
+
+
+def test_a_worker_that_dies_and_comes_back_is_taken_back(zeroconf, tiny_llama, greedy):
+    """SIGKILL of a worker (its rank follows it): the API answers 503 while the head waits
+    for it; a new worker on the same port and cache is taken back, and nothing is sent."""
+    api, head = zeroconf["api"], zeroconf["second"]
+    _, w2 = zeroconf["workers"]
+    kill_group(w2.proc.pid)
+    w2.proc.wait()
+    client = f"http://127.0.0.1:{api}/v1/models"
+    deadline = time.monotonic() + 60
+    while httpx.get(client, timeout=10).status_code != 503:
+        assert time.monotonic() < deadline, "the API never noticed the dead worker"
+        time.sleep(0.5)
+    head.wait_for(r"worker 'w2' \(127\.0\.0\.1:\d+\) cannot be reached", 60)
+    back, _ = worker(zeroconf["key"], "w2", zeroconf["tmp"] / "c2", *W2, port=zeroconf["w2_port"])
+    zeroconf["started"].append(back)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            assert answer(api, tiny_llama.name) == greedy
+            break
+        except openai.APIStatusError as e:
+            assert e.status_code == 503 and time.monotonic() < deadline, head.text[-3000:]
+            time.sleep(1)
+    assert "head 127.0.0.1" in back.text and "resuming" not in back.text
 
 
 # shipping, driven directly --------------------------------------------------------

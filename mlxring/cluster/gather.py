@@ -224,11 +224,20 @@ class WorkerRing:
         nodes = []
         for node in cluster.nodes:
             if (link := self.links.get(node.name)) is not None:
-                node = dataclasses.replace(node, port=link.ring_port())
+                node = dataclasses.replace(node, port=self._port(link))
             elif not node.remote and node.port is None:
                 node = dataclasses.replace(node, port=free_port(node.host))
             nodes.append(node)
         return dataclasses.replace(cluster, nodes=tuple(nodes))
+
+    @staticmethod
+    def _port(link: WorkerLink) -> int:
+        """A ring port of the worker; its session reopened first if it broke."""
+        try:
+            return link.ring_port()
+        except UserError:
+            link.recover()  # a UserError again: the supervisor waits and tries later
+            return link.ring_port()
 
     def finish(self, specs: list[RankSpec]) -> list[RankSpec]:
         out = []

@@ -50,6 +50,7 @@ class WorkerLink:
         self.chunk = chunk  # bytes of weights per sealed message
         self.session: Session | None = None
         self.info: dict = {}
+        self.shipped: tuple[Bundle, list[dict]] | None = None  # what the worker must hold
 
     @property
     def where(self) -> str:
@@ -80,7 +81,19 @@ class WorkerLink:
     def ring_port(self) -> int:
         return int(self._request({"op": "port"})["port"])
 
+    def recover(self) -> None:
+        """After the session broke (the worker restarted, the network blinked): open it
+        again and make sure the worker still holds its bundle (cached: nothing is sent)."""
+        try:
+            self.open()
+            if self.shipped is not None:
+                self.ship(*self.shipped)
+        except (OSError, HandshakeError, IntegrityError) as e:
+            raise UserError(f"worker {self.name!r} ({self.where}) cannot be reached: {e}") from None
+
     def _request(self, header: dict) -> dict:
+        if self.session is None:
+            raise UserError(f"worker {self.name!r} ({self.where}): not connected")
         try:
             return self.session.request(header)
         except (OSError, IntegrityError) as e:
@@ -94,6 +107,7 @@ class WorkerLink:
             try:
                 self._send_missing(bundle, files, total, position, first=attempt == 0)
                 total.path = self._request({"op": "bundle", "files": files})["path"]
+                self.shipped = (bundle, files)
                 return total
             except (ConnectionError, IntegrityError, OSError) as e:
                 if attempt == RETRIES or isinstance(e, HandshakeError):

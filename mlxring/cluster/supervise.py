@@ -29,6 +29,7 @@ from tqdm import tqdm
 from mlxring.cluster import protocol
 from mlxring.cluster.protocol import EXIT_AUTH, EXIT_PEER_LOST, EXIT_USER_ERROR
 from mlxring.cluster.ranks import RankSpec, ssh_argv
+from mlxring.errors import UserError
 
 STARTUP_TIMEOUT = 300.0  # loading a large model's shard takes a while
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
@@ -366,10 +367,18 @@ class Supervisor:
                     count = snapshot["failures"][node]
                     self.log(f"node {node!r} has failed {count} times; check that machine")
                 self.log(f"restarting the ring in {wait:.0f} s (the API answers 503 meanwhile)")
-                if self.stopping.wait(wait):
-                    return 130
-                self.state.restarting()
-                self.specs = self.respec()
+                while True:
+                    if self.stopping.wait(wait):
+                        return 130
+                    self.state.restarting()
+                    try:
+                        self.specs = self.respec()
+                        break
+                    except UserError as e:  # a node not back yet (a worker gone): wait more
+                        self.state.down(str(e))
+                        consecutive += 1
+                        wait = BACKOFF[min(consecutive, len(BACKOFF)) - 1]
+                        self.log(f"{e}; trying again in {wait:.0f} s")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
