@@ -9,6 +9,8 @@ import sys
 
 import mlx.core as mx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
@@ -20,21 +22,72 @@ def seq(prompt_len: int, max_tokens: int = 4) -> Sequence:
     return Sequence(list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens))
 
 
-def test_prefill_is_chunked_and_interleaved_with_decode():
-    s = Scheduler(max_batch=4, prefill_chunk=4, num_groups=1)
-    a, b = seq(3), seq(11)
+def test_prefill_chunks_ride_along_with_decode_within_the_token_budget():
+    s = Scheduler(max_batch=4, prefill_chunk=4, num_groups=1, token_budget=3)
+    a, b = seq(3, max_tokens=10), seq(11)
     s.add(a)
     step = s.next_step()
-    assert step.kind == "prefill" and step.inputs == [a.prompt[:2]] and step.new
+    assert not step.seqs and step.prefill == [a] and step.prefill_inputs == [a.prompt[:2]]
+    assert step.new == [a.id]
     s.complete(step, [])
     s.add(b)
-    kinds = []
-    for _ in range(6):
+    for i in range(5):  # each step: a's decode token and 2 of b's prompt tokens
         step = s.next_step()
-        kinds.append(step.kind)
-        s.complete(step, [7] * len(step.seqs))
-    assert kinds[:4] == ["decode", "prefill", "decode", "prefill"]  # b chunks between a steps
-    assert b.prefilled == 10 and len(a.tokens) >= 2
+        assert step.seqs == [a] and step.prefill == [b] and step.tokens == 3
+        assert step.prefill_inputs == [b.prompt[2 * i : 2 * i + 2]]
+        s.complete(step, [7])
+    assert b.prefilled == 10 and len(a.tokens) == 5 and b.group == 0
+    step = s.next_step()
+    assert step.admit == [b.id] and step.seqs == [a, b] and not step.prefill
+
+
+def test_steps_in_flight_share_the_prefill_evenly():
+    """8 prompts of 32 tokens over 2 groups, budget 64: each step prefills two prompts
+    together (62 tokens), so the two stages of a pipeline get equal work."""
+    s = Scheduler(max_batch=8, prefill_chunk=512, num_groups=2, token_budget=64)
+    prompts = [seq(32, max_tokens=2) for _ in range(8)]
+    for p in prompts:
+        s.add(p)
+    first, second = s.next_step(), s.next_step()
+    assert {first.group, second.group} == {0, 1} and s.next_step() is None
+    for step in (first, second):
+        assert len(step.prefill) == 2 and step.tokens == 62 and step.new
+    # the share shrinks with what is left: never one big step and one empty one
+    s = Scheduler(max_batch=8, prefill_chunk=512, num_groups=2, token_budget=512)
+    for p in [seq(32) for _ in range(8)]:
+        s.add(p)
+    assert [s.next_step().tokens, s.next_step().tokens] == [124, 124]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 40), st.integers(1, 6)), min_size=1, max_size=12),
+    st.integers(1, 3),
+    st.integers(1, 48),
+    st.integers(1, 16),
+)
+def test_any_workload_is_prefilled_once_within_budget(requests, groups, budget, chunk):
+    s = Scheduler(max_batch=5, prefill_chunk=chunk, num_groups=groups, token_budget=budget)
+    seqs = [seq(p, m) for p, m in requests]
+    for x in seqs:
+        s.add(x)
+    fed: dict[int, list[int]] = {x.id: [] for x in seqs}
+    in_flight = []
+    for _ in range(10_000):
+        while (step := s.next_step()) is not None:
+            assert step.tokens <= max(budget, len(step.seqs))
+            members = {x.id for st in in_flight for x in [*st.seqs, *st.prefill]}
+            assert not members & {x.id for x in [*step.seqs, *step.prefill]}
+            for x, chunk_ in zip(step.prefill, step.prefill_inputs):
+                fed[x.id] += chunk_
+            in_flight.append(step)
+        if not in_flight:
+            break
+        done = in_flight.pop(0)
+        s.complete(done, [9] * len(done.seqs))
+    assert s.idle and all(x.finish_reason == "length" for x in seqs)
+    for x in seqs:  # every prompt token but the last, in order, once
+        assert fed[x.id] == x.prompt[:-1]
 
 
 def test_admission_is_fifo_up_to_max_batch_and_refills_on_finish():
@@ -44,7 +97,7 @@ def test_admission_is_fifo_up_to_max_batch_and_refills_on_finish():
         s.add(x)
     step = s.next_step()
     assert s.live == 2 and list(s.waiting) == [seqs[2]]
-    assert step.kind == "decode" and step.admit == [seqs[0].id]
+    assert not step.prefill and step.admit == [seqs[0].id]
     other = s.next_step()
     assert other.group != step.group and other.admit == [seqs[1].id]  # disjoint groups
     assert s.next_step() is None  # both groups in flight

@@ -112,8 +112,8 @@ BAD = [
         "batching.max_batch: expected an integer >= 1, got 2.5",
     ),
     (
-        f"name: r\nbatching: {{prefill_batch: 0}}\nnodes: [{A}]\n",
-        "batching.prefill_batch: expected an integer >= 1, got 0",
+        f"name: r\nbatching: {{token_budget: 0}}\nnodes: [{A}]\n",
+        "batching.token_budget: expected an integer >= 1, got 0",
     ),
     (
         f"name: r\nbatching: {{mode: eager}}\nnodes: [{A}]\n",
@@ -137,7 +137,7 @@ BAD = [
     ),
     (
         f"name: r\nbatching: 16\nnodes: [{A}]\n",
-        "batching: expected a mapping with max_batch, prefill_chunk, prefill_batch, mode, "
+        "batching: expected a mapping with max_batch, prefill_chunk, token_budget, mode, "
         "step_timeout, max_tokens, max_waiting, max_kv_tokens, got 16",
     ),
     # one node's fields

@@ -249,7 +249,7 @@ def test_scheduler_budget_and_lone_drops():
     s.complete(step, [])
     assert s.kv_tokens == 0 and s.to_drop == [a.id]
     step = s.next_step()  # b is admitted, and a's drop rides on its first chunk
-    assert step.kind == "prefill" and step.drop == [a.id] and s.kv_tokens == 20
+    assert step.prefill == [b] and not step.seqs and step.drop == [a.id] and s.kv_tokens == 20
     s.complete(step, [])
     s.cancel(b)  # alone, between chunks: its drop still goes, on an empty step
     drop = s.next_step()

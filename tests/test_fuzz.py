@@ -247,12 +247,11 @@ json_values = st.recursive(
     ),
     max_leaves=16,
 )
-HEADER_FIELDS = ["kind", "seqs", "micro_batch", "new", "admit", "evict", "drop", "op"]
+HEADER_FIELDS = ["seqs", "micro_batch", "prefill", "new", "admit", "evict", "drop", "op"]
 header_like = st.fixed_dictionaries(
     {},
     optional={
-        name: json_values
-        | st.sampled_from(["prefill", "decode", [1, 2], [], -1, 0, 10**30, True, [True]])
+        name: json_values | st.sampled_from(["decode", [1, 2], [], -1, 0, 10**30, True, [True]])
         for name in HEADER_FIELDS
     },
 )
@@ -264,10 +263,9 @@ def check_header(meta: object) -> None:
     except ProtocolError as e:
         assert "\n" not in str(e) and len(str(e)) < 200
     else:
-        assert header.kind in ("prefill", "decode")
         assert all(
             type(i) is int
-            for f in ("seqs", "new", "admit", "evict", "drop")
+            for f in ("seqs", "prefill", "new", "admit", "evict", "drop")
             for i in getattr(header, f)
         )
         assert type(header.micro_batch) is int
@@ -281,13 +279,18 @@ def test_step_header_from_arbitrary_values_raises_only_protocol_error(meta):
 
 @FUZZ
 @given(
-    st.sampled_from(["prefill", "decode"]),
-    *(st.lists(st.integers(0, 2**40), max_size=5) for _ in range(5)),
-    st.integers(-1, 64),
+    *(st.lists(st.integers(0, 2**40), max_size=5) for _ in range(6)),
+    st.integers(0, 64),
 )
-def test_step_header_round_trips_over_json(kind, seqs, new, admit, evict, drop, micro_batch):
+def test_step_header_round_trips_over_json(seqs, prefill, new, admit, evict, drop, micro_batch):
     header = StepHeader(
-        kind, tuple(seqs), micro_batch, tuple(new), tuple(admit), tuple(evict), tuple(drop)
+        tuple(seqs),
+        micro_batch,
+        tuple(prefill),
+        tuple(new),
+        tuple(admit),
+        tuple(evict),
+        tuple(drop),
     )
     assert StepHeader.from_wire(json.loads(json.dumps(header.to_wire()))) == header
     assert StepHeader.from_wire(header.to_wire()) == header
@@ -297,7 +300,7 @@ def test_step_header_round_trips_over_json(kind, seqs, new, admit, evict, drop, 
     "meta",
     [
         {
-            "kind": "decode",
+            "prefill": [],
             "seqs": "abc",
             "micro_batch": 0,
             "new": [],
@@ -306,7 +309,7 @@ def test_step_header_round_trips_over_json(kind, seqs, new, admit, evict, drop, 
             "drop": [],
         },
         {
-            "kind": "decode",
+            "prefill": [],
             "seqs": [1],
             "micro_batch": 1.5,
             "new": [],
@@ -315,7 +318,7 @@ def test_step_header_round_trips_over_json(kind, seqs, new, admit, evict, drop, 
             "drop": [],
         },
         {
-            "kind": "decode",
+            "prefill": [],
             "seqs": [True],
             "micro_batch": 0,
             "new": [],
@@ -324,7 +327,7 @@ def test_step_header_round_trips_over_json(kind, seqs, new, admit, evict, drop, 
             "drop": [],
         },
         {
-            "kind": "decode",
+            "prefill": [],
             "seqs": [1],
             "micro_batch": "0",
             "new": [],
@@ -332,9 +335,9 @@ def test_step_header_round_trips_over_json(kind, seqs, new, admit, evict, drop, 
             "evict": [],
             "drop": [],
         },
-        {"kind": ["decode"], "seqs": [1]},
-        ["kind", "decode"],
-        {"kind": "prefill", "seqs": [10**5000]},
+        {"prefill": ["decode"], "seqs": [1], "micro_batch": 0},
+        ["seqs", [1]],
+        {"prefill": [10**5000], "seqs": []},
     ],
 )
 def test_what_fuzzing_found_in_headers(meta):

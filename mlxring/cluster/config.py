@@ -257,7 +257,7 @@ class EngineConfig:
 
     max_batch: _Count = 16
     prefill_chunk: _Count = 512  # prompt tokens per prefill step
-    prefill_batch: _Count = 1  # sequences prefilled together at most; 1: off
+    token_budget: _Count = 512  # tokens per step: the group's decode tokens + prefill chunks
     mode: Annotated[Mode, _one_of(Mode)] = "pipelined"
     # seconds with no step back before the ring is declared down
     step_timeout: Annotated[_Positive, _expect("a positive number")] = 60.0

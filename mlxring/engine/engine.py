@@ -41,6 +41,7 @@ from mlxring.cluster.config import EngineConfig
 from mlxring.crypto.link import IntegrityError
 from mlxring.engine.detok import Detok
 from mlxring.engine.handle import EngineBusy, Event, Handle, RequestTooLarge, RingDown
+from mlxring.engine.header import PREFILL_PREFIX
 from mlxring.engine.request import SamplingParams, Sequence, sample
 from mlxring.engine.scheduler import Scheduler, Step
 from mlxring.engine.stage import StageState
@@ -85,7 +86,7 @@ class Engine:
             config.max_batch,
             config.prefill_chunk,
             self.depth,
-            config.prefill_batch,
+            config.token_budget,
             max_kv_tokens=config.max_kv_tokens,
         )
         self.commands: queue.Queue = queue.Queue()
@@ -332,14 +333,16 @@ class Engine:
                 return
 
     def _inputs(self, step: Step) -> dict[str, mx.array] | None:
-        if not step.seqs:
-            return None
-        return self.shard.embed(mx.array(step.inputs))
+        x = self.shard.embed(mx.array(step.inputs)) if step.seqs else {}
+        if step.prefill:
+            chunk = self.shard.embed(mx.array(step.prefill_inputs))
+            x.update((PREFILL_PREFIX + k, v) for k, v in chunk.items())
+        return x or None
 
     def _launch(self, step: Step) -> None:
         header = step.header()
         started = time.perf_counter()
-        x = self.state.apply(header, self._inputs(step))
+        x = self.state.apply(header, self._inputs(step), last=self.channel is None)
         if self.channel is None:
             self._finish_step(step, x)
             self.state.record(time.perf_counter() - started)
@@ -388,7 +391,7 @@ class Engine:
 
     def _finish_step(self, step: Step, x) -> None:
         sampled = []
-        if step.kind == "decode" and step.seqs:
+        if step.seqs:
             sampled = sample(self.shard.logits(self.shard.arrive(x))[:, -1, :], step.seqs)
         self.steps_done += 1
         advanced = self.scheduler.complete(step, sampled)

@@ -8,23 +8,23 @@ changes ride on it, so every stage changes its caches in the same order.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 from mlxring.ring.transport import ProtocolError
 
-PREFILL_MICRO_BATCH = -1  # the micro-batch id of a prefill chunk (decode groups are 0..N-1)
+PREFILL_PREFIX = "p:"  # the tensors of a step's prefill part travel under "p:<name>"
 
 
 @dataclass(frozen=True)
 class StepHeader:
-    """One step: a prefill chunk of `seqs`, or a decode step of group `micro_batch`."""
+    """One step of decode group `micro_batch`: a token for each of `seqs` (its members),
+    and a prefill chunk of each of `prefill` (chunks of one length, at one offset)."""
 
-    kind: Literal["prefill", "decode"]
-    seqs: tuple[int, ...]  # prefill: the batch (chunks of one length); decode: the group
-    micro_batch: int = PREFILL_MICRO_BATCH
-    new: tuple[int, ...] = ()  # prefill: sequences starting here (fresh caches)
-    admit: tuple[int, ...] = ()  # decode: prefilled sequences joining the group
-    evict: tuple[int, ...] = ()  # decode: finished or cancelled members leaving it
+    seqs: tuple[int, ...]  # the group's members, in order
+    micro_batch: int
+    prefill: tuple[int, ...] = ()  # sequences prefilled in this step
+    new: tuple[int, ...] = ()  # of them, those starting here (fresh caches)
+    admit: tuple[int, ...] = ()  # prefilled sequences joining the group
+    evict: tuple[int, ...] = ()  # finished or cancelled members leaving it
     drop: tuple[int, ...] = field(default=())  # sequences cancelled during prefill
 
     def to_wire(self) -> dict:
@@ -37,14 +37,10 @@ class StepHeader:
         it comes off the wire)."""
         if not isinstance(meta, dict):
             raise ProtocolError(f"malformed step header: expected an object, got {_kind(meta)}")
-        kind = meta.get("kind")
-        if kind not in ("prefill", "decode"):
-            shown = repr(kind)[:40] if isinstance(kind, str) else _kind(kind)
-            raise ProtocolError(f"unknown step kind {shown}")
         return cls(
-            kind=kind,
             seqs=_ids(meta, "seqs"),
             micro_batch=_int(meta, "micro_batch"),
+            prefill=_ids(meta, "prefill"),
             new=_ids(meta, "new"),
             admit=_ids(meta, "admit"),
             evict=_ids(meta, "evict"),

@@ -45,8 +45,8 @@ class LocalStages:
         if op == "step":
             header = StepHeader.from_wire(meta)
             x = tensors or None
-            for state in self.states:
-                x = state.apply(header, x)
+            for i, state in enumerate(self.states):
+                x = state.apply(header, x, last=i == len(self.states) - 1)
             if x:  # as the wire would: the step is computed before it comes back
                 mx.eval([v for v in x.values() if isinstance(v, mx.array)])
             tensors = x or {}

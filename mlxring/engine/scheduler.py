@@ -1,14 +1,16 @@
 """The head's scheduler: which step goes round the ring next, and what its results mean.
 
-A step is either one prefill chunk of one or more sequences, or one decode step
-of a micro-batch ("group"). Every prompt token but the last is prefilled in chunks;
-with `prefill_batch` > 1, up to that many sequences at the same point of their
-prompts with chunks of the same length are prefilled together (at most
-`prefill_chunk` tokens), split among the steps that can be in flight;
-the sequence then joins the group with the fewest members, and its first decode
-step feeds the last prompt token (as mlx-lm's generate_step does). Groups are
-disjoint and have at most one step in flight, so with one group per stage every
-stage can work on a different group at once (pipelining); one group is lockstep.
+Every step belongs to one decode micro-batch ("group") and carries a token budget
+(`token_budget`): one decode token for each member of the group, and prefill
+chunks of waiting prompts in the rest (chunked prefill riding along with decode,
+as Sarathi-Serve and vLLM's scheduler do). Prompts at the same offset whose next
+chunks have the same length are prefilled as one batch. The prefill share of a
+step is also capped at the prefill tokens pending divided by the groups, so the
+steps in flight carry about equal work: with one group per stage, every stage is
+busy at once (pipelining); one group is lockstep. Every prompt token but the last
+is prefilled in chunks of at most `prefill_chunk`; the sequence then joins the
+group with the fewest members, and its first decode step feeds the last prompt
+token (as mlx-lm's generate_step does). A group has at most one step in flight.
 
 Admission is FIFO and holds while `max_batch` sequences are live, or while the
 next one's prompt + max_tokens would take the live sequences' sum past
@@ -24,16 +26,17 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from mlxring.engine.header import PREFILL_MICRO_BATCH, StepHeader
+from mlxring.engine.header import StepHeader
 from mlxring.engine.request import Sequence
 
 
 @dataclass
 class Step:
-    kind: str  # "prefill" | "decode"
-    seqs: list[Sequence]  # prefill: the batch (chunks of one length); decode: the group
-    inputs: list[list[int]]  # token ids fed per sequence
-    group: int | None = None
+    group: int  # the decode micro-batch this step belongs to (the id it travels under)
+    seqs: list[Sequence]  # the group's members: one decode token each
+    inputs: list[list[int]]  # the decode token fed per member
+    prefill: list[Sequence] = field(default_factory=list)  # chunks of one length riding along
+    prefill_inputs: list[list[int]] = field(default_factory=list)
     new: list[int] = field(default_factory=list)  # prefill: first chunks (fresh caches)
     admit: list[int] = field(default_factory=list)
     evict: list[int] = field(default_factory=list)
@@ -41,37 +44,44 @@ class Step:
 
     @property
     def micro_batch(self) -> int:
-        """The id the step travels under: its decode group, or the prefill id."""
-        return self.group if self.kind == "decode" else PREFILL_MICRO_BATCH
+        return self.group
+
+    @property
+    def tokens(self) -> int:
+        """Tokens this step computes: its decode tokens and its prefill chunks."""
+        return len(self.seqs) + sum(len(c) for c in self.prefill_inputs)
 
     def header(self) -> StepHeader:
         """What every stage needs to apply this step to its own caches."""
-        ids, drop = tuple(s.id for s in self.seqs), tuple(self.drop)
-        if self.kind == "prefill":
-            return StepHeader("prefill", ids, new=tuple(self.new), drop=drop)
-        admit, evict = tuple(self.admit), tuple(self.evict)
-        return StepHeader("decode", ids, self.micro_batch, admit=admit, evict=evict, drop=drop)
+        return StepHeader(
+            tuple(s.id for s in self.seqs),
+            self.group,
+            prefill=tuple(s.id for s in self.prefill),
+            new=tuple(self.new),
+            admit=tuple(self.admit),
+            evict=tuple(self.evict),
+            drop=tuple(self.drop),
+        )
 
 
 class Scheduler:
     """FIFO admission up to `max_batch` live sequences and `max_kv_tokens` (prompt +
-    max_tokens summed over them; None: no budget); chunked prefill between decode steps."""
+    max_tokens summed over them; None: no budget); steps of at most `token_budget` tokens,
+    decode first, prefill chunks in the rest."""
 
     def __init__(
         self,
         max_batch: int,
         prefill_chunk: int,
         num_groups: int,
-        prefill_batch: int = 1,
+        token_budget: int = 512,
         max_kv_tokens: int | None = None,
     ):
         self.max_batch, self.prefill_chunk, self.num_groups = max_batch, prefill_chunk, num_groups
+        self.token_budget = token_budget
         self.max_kv_tokens = max_kv_tokens
         self.kv_tokens = 0  # prompt + max_tokens summed over the live sequences
         self.left_waiting = 0  # sequences that ever left `waiting` (admitted or cancelled)
-        # sequences prefilled together at most: batching prompts at the same point sped up the
-        # torch CPU ring but slowed the MLX CPU ring (bench/RESULTS.md), so it is off by default
-        self.prefill_batch = prefill_batch
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.groups: list[list[Sequence]] = [[] for _ in range(num_groups)]
@@ -80,7 +90,6 @@ class Scheduler:
         self.to_drop: list[int] = []
         self.busy_groups: set[int] = set()
         self.busy_seqs: set[int] = set()
-        self._last_prefill = False
         self._next_group = 0
 
     @property
@@ -149,53 +158,54 @@ class Scheduler:
     def next_step(self) -> Step | None:
         """The next step to send, or None when nothing can go now; marks it in flight."""
         self._admit_waiting()
-        prefill = next((s for s in self.prefilling if s.id not in self.busy_seqs), None)
-        decode = self._ready_group()
-        if prefill is not None and (decode is None or not self._last_prefill):
-            step = self._prefill_step(prefill)
-        elif decode is not None:
-            step = self._decode_step(decode)
-        elif self.to_drop and len(self.busy_groups) < self.num_groups:
-            # drops ride on any step; with none to send, on an empty step of a free group
-            free = next(m for m in range(self.num_groups) if m not in self.busy_groups)
-            step = self._decode_step(free)
-        else:
+        prefill = self._prefill_ready()
+        m = self._ready_group(prefill)
+        if m is None:
             return None
-        self._last_prefill = step.kind == "prefill"
+        step = self._decode_step(m)
+        if prefill:
+            self._add_prefill(step)
         step.drop, self.to_drop = self.to_drop, []
         return step
 
-    def _ready_group(self) -> int | None:
+    def _prefill_ready(self) -> list[Sequence]:
+        return [s for s in self.prefilling if s.id not in self.busy_seqs]
+
+    def _ready_group(self, prefill: list[Sequence]) -> int | None:
+        """The next free group (round robin) with work: members, membership changes, or
+        prefill chunks or drops to carry."""
+        carry = bool(prefill or self.to_drop)
         for i in range(self.num_groups):
             m = (self._next_group + i) % self.num_groups
-            if m not in self.busy_groups and (
-                self.groups[m] or self.to_admit[m] or self.to_evict[m]
-            ):
+            if m in self.busy_groups:
+                continue
+            if carry or self.groups[m] or self.to_admit[m] or self.to_evict[m]:
                 self._next_group = (m + 1) % self.num_groups
                 return m
         return None
 
-    def _chunk(self, seq: Sequence) -> tuple[int, int]:
-        """Where `seq`'s next prefill chunk starts and how long it is."""
-        return seq.prefilled, min(self.prefill_chunk, len(seq.prompt) - 1 - seq.prefilled)
+    def _chunk(self, seq: Sequence, limit: int) -> tuple[int, int]:
+        """Where `seq`'s next prefill chunk starts and how long it is (at most `limit`)."""
+        left = len(seq.prompt) - 1 - seq.prefilled
+        return seq.prefilled, min(self.prefill_chunk, left, limit)
 
-    def _prefill_step(self, first: Sequence) -> Step:
-        start, length = self._chunk(first)
-        alike = [
-            s
-            for s in self.prefilling  # at the same point: one batch, no padding
-            if s.id not in self.busy_seqs and self._chunk(s) == (start, length)
-        ]
-        # split among the steps that can be in flight at once, so that stages overlap
-        size = min(
-            -(-len(alike) // self.num_groups),
-            max(1, self.prefill_chunk // length),
-            self.prefill_batch,
-        )
-        batch = [first, *[s for s in alike if s is not first][: size - 1]]
+    def _add_prefill(self, step: Step) -> None:
+        """Fill the step's budget left after its decode tokens with prefill chunks: one
+        batch of prompts at the same offset, no more than an even share of the prefill
+        pending over the groups (so that the steps in flight are alike)."""
+        ready = self._prefill_ready()
+        pending = sum(len(s.prompt) - 1 - s.prefilled for s in self.prefilling)  # in flight too
+        share = min(self.token_budget - len(step.seqs), -(-pending // self.num_groups))
+        if share < 1:
+            return
+        first = ready[0]
+        start, length = self._chunk(first, share)
+        alike = [s for s in ready[1:] if self._chunk(s, share) == (start, length)]
+        batch = [first, *alike[: share // length - 1]]
         self.busy_seqs.update(s.id for s in batch)
-        inputs = [s.prompt[start : start + length] for s in batch]
-        return Step("prefill", batch, inputs, new=[s.id for s in batch if start == 0])
+        step.prefill = batch
+        step.prefill_inputs = [s.prompt[start : start + length] for s in batch]
+        step.new = [s.id for s in batch if start == 0]
 
     def _decode_step(self, m: int) -> Step:
         admit, self.to_admit[m] = self.to_admit[m], []
@@ -204,24 +214,22 @@ class Scheduler:
         members = self.groups[m]
         self.busy_groups.add(m)
         self.busy_seqs.update(s.id for s in members)
-        step = Step("decode", list(members), [[s.next_input] for s in members], group=m)
+        step = Step(m, list(members), [[s.next_input] for s in members])
         step.admit, step.evict = [s.id for s in admit], evict
         return step
 
     def complete(self, step: Step, sampled: list[int]) -> list[Sequence]:
         """Apply a step's results; the sequences that got a new token."""
-        self.busy_seqs.difference_update(s.id for s in step.seqs)
-        if step.kind == "prefill":
-            for seq, chunk in zip(step.seqs, step.inputs):
-                seq.prefilled += len(chunk)
-                if seq.finished:  # cancelled while in flight
-                    self.prefilling.remove(seq)
-                    self.to_drop.append(seq.id)
-                    self._release(seq)
-                elif seq.prefill_done:
-                    self.prefilling.remove(seq)
-                    self._join_group(seq)
-            return []
+        self.busy_seqs.difference_update(s.id for s in [*step.seqs, *step.prefill])
+        for seq, chunk in zip(step.prefill, step.prefill_inputs):
+            seq.prefilled += len(chunk)
+            if seq.finished:  # cancelled while in flight
+                self.prefilling.remove(seq)
+                self.to_drop.append(seq.id)
+                self._release(seq)
+            elif seq.prefill_done:
+                self.prefilling.remove(seq)
+                self._join_group(seq)
         self.busy_groups.discard(step.group)
         advanced = []
         for seq, token in zip(step.seqs, sampled):

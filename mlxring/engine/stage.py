@@ -17,7 +17,7 @@ import time
 
 import mlx.core as mx
 
-from mlxring.engine.header import StepHeader
+from mlxring.engine.header import PREFILL_PREFIX, StepHeader
 from mlxring.ring.transport import Channel, ProtocolError
 from mlxring.shards.base import Shard
 
@@ -64,14 +64,27 @@ class StageState:
             seconds if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * seconds
         )
 
-    def apply(self, header: StepHeader, x: dict | None) -> dict | None:
-        """Run this stage's layers for one step; None when the step computes nothing."""
+    def apply(self, header: StepHeader, x: dict | None, last: bool = False) -> dict | None:
+        """Run this stage's layers for one step; None when nothing goes on. The prefill
+        part's output goes on to the next stage, unless this stage is the `last`: the head
+        needs no prefill output (a prompt's last token is fed by its first decode step)."""
         for seq in header.drop:
             self.singles.pop(seq, None)
-        if x:
-            x = self.shard.arrive(x)
-        if header.kind == "prefill":
-            return self._prefill(header.seqs, header.new, x)
+        x = self.shard.arrive(x) if x else {}
+        decode = {k: v for k, v in x.items() if not k.startswith(PREFILL_PREFIX)}
+        out = {}
+        if header.prefill:
+            chunk = {k[len(PREFILL_PREFIX) :]: v for k, v in x.items() if k not in decode}
+            done = self._prefill(header.prefill, header.new, chunk)
+            if last:  # computed here, kept nowhere but in the caches
+                mx.eval([v for v in done.values() if isinstance(v, mx.array)])
+            else:
+                out = {PREFILL_PREFIX + k: v for k, v in done.items()}
+        if (seqs := self._decode(header, decode)) is not None:
+            out.update(seqs)
+        return out or None
+
+    def _decode(self, header: StepHeader, x: dict) -> dict | None:
         group = self.groups.setdefault(header.micro_batch, Group())
         if header.evict:
             group.evict(header.evict)
@@ -89,6 +102,8 @@ class StageState:
 
     def _prefill(self, seqs: tuple[int, ...], new: tuple[int, ...], x: dict) -> dict:
         """One chunk of each of `seqs` (equal lengths, equal positions): one batch."""
+        if not x:
+            raise ProtocolError(f"a prefill of {list(seqs)} came without its hidden states")
         for seq in new:
             self.singles[seq] = self.shard.make_cache()
         if unknown := [s for s in seqs if s not in self.singles]:
@@ -119,6 +134,7 @@ def serve_stage(shard: Shard, channel: Channel) -> None:
     """Serve steps until the head stops the ring: every rank but the head runs this."""
     state = StageState(shard)
     layers = (shard.start, shard.end)
+    last = channel.transport.rank == channel.num_stages - 1  # the ring closes on the head
     while True:
         meta, x = channel.recv()
         op = meta.get("op")
@@ -130,7 +146,7 @@ def serve_stage(shard: Shard, channel: Channel) -> None:
                     f"{channel.received_micro_batch}"
                 )
             started = time.perf_counter()
-            out = state.apply(header, x or None)
+            out = state.apply(header, x or None, last=last)
             channel.send(meta, out, micro_batch=header.micro_batch, layers=layers)
             state.record(time.perf_counter() - started)  # send evaluates the step
         elif op == "stats":
