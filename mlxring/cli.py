@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": "Throughput: one node (mlx-lm), a lockstep ring, or a pipelined ring.",
     "keygen": "Write a new cluster key (every node of a cluster needs the same one).",
     "nodes": "List the mlxring workers that discovery (mDNS) sees on this network.",
+    "status": "Show a running cluster's ring, throughput and failures (its API's /v1/status).",
     "make-tiny": "Write a tiny random-weight model of a real architecture (tests, demo).",
 }
 

@@ -1,8 +1,9 @@
 """The OpenAI-compatible endpoints, over the head's engine.
 
 POST /v1/chat/completions, POST /v1/completions (streamed over SSE or not),
-GET /v1/models, GET /v1/status (the engine's snapshot), GET /metrics (Prometheus),
-GET /health (keyless liveness). Every error is OpenAI's error JSON (errors.py), and
+GET /v1/models, GET /v1/status (the ring at a glance: status.py), GET /metrics
+(Prometheus), GET /health (keyless liveness), GET / (the status page, keyless: it asks
+for a key itself). Every error is OpenAI's error JSON (errors.py), and
 `errors.Guard` checks Host, key, content type and body size before any route runs.
 A client that disconnects cancels its request, streamed or not. Prompts are tokenized
 off the event loop. No HTTP call makes a round trip of the ring: the engine keeps its
@@ -29,6 +30,7 @@ from mlxring.engine.request import SamplingParams
 from mlxring.server.errors import (
     HANDLED,
     INVALID,
+    LOOPBACK,
     RETRY_BUSY,
     SERVER,
     ApiError,
@@ -47,11 +49,11 @@ from mlxring.server.schemas import (
     Status,
     request_models,
 )
+from mlxring.server.status import PAGE, PAGE_HEADERS, Recent, head_status, page_file
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 ENDPOINTS = {CHAT: "chat", COMPLETIONS: "completions"}  # the `endpoint` label of requests
-PUBLIC = ("/health",)  # everything else needs the key when keys are set
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+PUBLIC = ("/health", *PAGE)  # everything else needs the key when keys are set
 
 
 def create_app(
@@ -65,12 +67,14 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     host: str = "127.0.0.1",
     allowed_hosts: tuple[str, ...] = (),
+    nodes: list[dict] | None = None,
 ) -> FastAPI:
     """The app for one model served by `engine` (whose tokenizer renders prompts).
 
     `vocab_size` bounds the token ids a prompt may hold (the embedding's rows; by default
     the tokenizer's size); `host` is the address the API is bound to, which (with
     `allowed_hosts`, localhost and IP addresses) is the Host it answers without keys.
+    `nodes`: what the launcher knows of each node, in ring order (`status.node_facts`).
     """
     app = FastAPI(
         title="mlxring",
@@ -78,6 +82,7 @@ def create_app(
         description="OpenAI-compatible API of an mlxring cluster.",
     )
     metrics = Metrics()
+    recent = Recent()
     vocab = vocab_size or len(tokenizer.get_vocab())
     ChatRequest, CompletionRequest = request_models(vocab)
     # One thread: a fast tokenizer is not safe to call from several at once, and the
@@ -151,8 +156,8 @@ def create_app(
 
     async def events(handle, request: Request):
         """The request's events; cancels it if the client goes away."""
-        started = last = time.perf_counter()
-        first = True
+        started = last = first_at = time.perf_counter()
+        first, tokens = True, 0
         watch = asyncio.create_task(watch_disconnect(handle, request))
         try:
             async for event in handle:
@@ -160,14 +165,17 @@ def create_app(
                     raise ring_down(event.error or engine.failure)
                 if event.token is not None:
                     now = time.perf_counter()
-                    (metrics.ttft if first else metrics.token_latency).observe(
-                        now - (started if first else last)
-                    )
-                    first, last = False, now
+                    seconds = now - (started if first else last)
+                    (metrics.ttft if first else metrics.token_latency).observe(seconds)
+                    recent.token(seconds, first)
+                    first_at = now if first else first_at
+                    first, last, tokens = False, now, tokens + 1
                     metrics.generated_tokens.inc()
                 yield event
         finally:
             watch.cancel()
+            if tokens > 1:  # tokens reach this loop in bursts: the mean gap is what holds
+                recent.spacing((last - first_at) / (tokens - 1))
             if not handle.seq.finished:
                 handle.cancel()
 
@@ -309,19 +317,21 @@ def create_app(
 
     @app.get(
         "/v1/status",
-        summary="The ring's state: each stage's layers, live sequences, cache bytes, step time",
+        summary="The ring at a glance: nodes, layers, memory, step times, tokens/s, latency",
         responses=documented(
-            401, 403, 500, ok={"model": Status, "description": "The engine's snapshot"}
+            401, 403, 500, ok={"model": Status, "description": "The ring's status"}
         ),
     )
     async def status():
-        error = engine.error
-        return {
-            "model": model_name,
-            "status": "ok" if error is None else "down",
-            "error": None if error is None else engine.failure,
-            **snapshot(),
-        }
+        failure = None if engine.error is None else engine.failure or str(engine.error)
+        return head_status(model_name, snapshot(), failure, list(nodes or ()), recent)
+
+    async def page(request: Request):
+        body, media = page_file(request.url.path)
+        return Response(body, media_type=media, headers=PAGE_HEADERS)
+
+    for path in PAGE:
+        app.add_api_route(path, page, methods=["GET"], include_in_schema=False)
 
     @app.get(
         "/health",

@@ -29,6 +29,7 @@ log = logging.getLogger("mlxring.server")
 RETRY_BUSY, RETRY_DOWN = 1, 5
 
 INVALID, SERVER = "invalid_request_error", "server_error"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")  # Host names always answered
 
 
 class ApiError(Exception):

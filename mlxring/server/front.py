@@ -7,7 +7,10 @@ head's API (on a loopback port of that ring), streamed back as it comes, and
 cancelled upstream when the client goes away. While the ring is down or
 restarting, the front answers 503 with Retry-After instead of refusing
 connections. `GET /health` adds what the supervisor knows: restarts, and the
-nodes that keep failing.
+nodes that keep failing. The status page (`GET /`) is served here, and `GET /v1/status`
+is the head's answer with the ring's story added (`status.RingWatch`), or, while no head
+answers, the front's own: the plan's nodes, all down, the failed one named. The front
+checks the key and Host of what it answers itself as the head would.
 """
 
 from __future__ import annotations
@@ -29,13 +32,22 @@ from starlette.routing import Route
 
 from mlxring.cluster.config import ClusterConfig
 from mlxring.cluster.plan import Plan
-from mlxring.cluster.ranks import RankSpec, free_port, rank_specs
+from mlxring.cluster.ranks import RankSpec, api_keys, free_port, rank_specs
 from mlxring.cluster.supervise import RingState, Supervisor
 from mlxring.errors import UserError
-from mlxring.server.errors import RETRY_DOWN, SERVER, error_body, error_response
+from mlxring.server.errors import (
+    LOOPBACK,
+    RETRY_DOWN,
+    SERVER,
+    Guard,
+    error_body,
+    error_response,
+)
+from mlxring.server.status import PAGE, PAGE_HEADERS, RingWatch, node_facts, page_file
 
 # hop-by-hop headers, and those the proxy recomputes, are not forwarded
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"}
+WATCH_EVERY = 0.25  # seconds between looks at the supervisor's state (for the event list)
 
 
 def _down(message: str) -> Response:
@@ -43,10 +55,51 @@ def _down(message: str) -> Response:
     return error_response(503, message, SERVER, "ring_down", None, {"Retry-After": str(RETRY_DOWN)})
 
 
-def create_front(state: RingState, head: str, max_body_bytes: int = 1 << 20) -> Starlette:
+def create_front(
+    state: RingState,
+    head: str,
+    watch: RingWatch | None = None,
+    guard: Guard | None = None,
+    max_body_bytes: int = 1 << 20,
+) -> Starlette:
     """The front app over `state` (the supervisor's view of the ring; `head` names rank 0);
-    bodies over `max_body_bytes` get 413 here already."""
+    bodies over `max_body_bytes` get 413 here already. `watch` answers the status while the
+    ring is down, `guard` checks the key and Host of what the front answers itself."""
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+    watch = watch or RingWatch(state, "", [])
+    guard = guard or Guard(
+        None,
+        keys=(),
+        public=(),
+        json_posts=(),
+        max_body_bytes=max_body_bytes,
+        hosts=LOOPBACK,
+        count=lambda *_: None,
+    )
+
+    async def page(request: Request) -> Response:
+        if (rejected := guard.reject(request.scope)) is not None:
+            return rejected
+        body, media = page_file(request.url.path)
+        return Response(body, media_type=media, headers=PAGE_HEADERS)
+
+    async def status(request: Request) -> Response:
+        ring = watch.poll()
+        if ring["up"]:
+            headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
+            url = f"{ring['url'].removesuffix('/v1')}/v1/status"
+            try:
+                upstream = await client.get(url, headers=headers, timeout=10)
+            except httpx.HTTPError:
+                upstream = None
+            if upstream is not None and upstream.status_code != 200:  # the head's 401, 403
+                return Response(upstream.content, upstream.status_code, _headers(upstream.headers))
+            if upstream is not None:
+                return JSONResponse(watch.merged(upstream.json()))
+        if (rejected := guard.reject(request.scope)) is not None:
+            return rejected
+        reason = None if not ring["up"] else f"the head node {head!r} does not answer"
+        return JSONResponse(watch.down(reason))
 
     async def health(request: Request) -> Response:
         ring = state.snapshot()
@@ -108,12 +161,21 @@ def create_front(state: RingState, head: str, max_body_bytes: int = 1 << 20) -> 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
     routes = [
         Route("/health", health, methods=["GET"]),
+        *(Route(path, page, methods=["GET"]) for path in PAGE),
+        Route("/v1/status", status, methods=["GET"]),
         Route("/{path:path}", forward, methods=methods),
     ]
 
+    async def watching() -> None:
+        while True:
+            watch.poll()
+            await asyncio.sleep(WATCH_EVERY)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):
+        task = asyncio.create_task(watching())
         yield
+        task.cancel()
         await client.aclose()
 
     return Starlette(routes=routes, lifespan=lifespan)
@@ -141,9 +203,16 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve_ring(
-    supervisor: Supervisor, host: str, port: int, model: str, max_body_bytes: int = 1 << 20
+    supervisor: Supervisor,
+    host: str,
+    port: int,
+    model: str,
+    max_body_bytes: int = 1 << 20,
+    nodes: list[dict] | None = None,
+    keys: tuple[str, ...] = (),
 ) -> int:
-    """Serve the API at host:port in front of the supervised ring; its exit code."""
+    """Serve the API at host:port in front of the supervised ring; its exit code. `nodes`
+    (`status.node_facts`) and the API `keys` serve the status while the ring is down."""
     sock = listen(host, port)
     url = f"http://{host}:{port}/v1"
 
@@ -155,7 +224,18 @@ def serve_ring(
         )
 
     supervisor.state.announce = announce
-    app = create_front(supervisor.state, supervisor.specs[0].node.name, max_body_bytes)
+    guard = Guard(
+        None,
+        keys=keys,
+        public=("/health", *PAGE),
+        json_posts=(),
+        max_body_bytes=max_body_bytes,
+        hosts=(*LOOPBACK, host),
+        count=lambda *_: None,
+    )
+    watch = RingWatch(supervisor.state, model, list(nodes or ()))
+    head = supervisor.specs[0].node.name
+    app = create_front(supervisor.state, head, watch, guard, max_body_bytes)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -187,12 +267,13 @@ def serve_cluster(
     """
     restart = cluster.on_failure == "restart"
     local_head = not cluster.head.remote
+    facts = node_facts(cluster, plan)
 
     def specs() -> list[RankSpec]:
         head = {"host": "127.0.0.1", "port": free_port(), "public_host": opts["host"]}
         head = head if local_head else {}
         names = [node.name for node in cluster.nodes]
-        job = {**opts, **head, "exit_on_failure": True, "nodes": names}
+        job = {**opts, **head, "exit_on_failure": True, "nodes": names, "node_facts": facts}
         ring = hooks.prepare(cluster) if hooks else cluster
         made = rank_specs(ring, plan, model, "serve", job)
         return hooks.finish(made) if hooks else made
@@ -201,4 +282,6 @@ def serve_cluster(
     if not local_head:
         return supervisor.run()
     limit = cluster.api.max_body_bytes
-    return serve_ring(supervisor, opts["host"], opts["port"], opts["model_name"], limit)
+    keys = tuple(k for k in api_keys(cluster).split(",") if k)
+    model_name = opts["model_name"]
+    return serve_ring(supervisor, opts["host"], opts["port"], model_name, limit, facts, keys)

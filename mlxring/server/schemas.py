@@ -306,8 +306,71 @@ class StageStatus(BaseModel):
     step_ms: float
 
 
+class NodeStatus(BaseModel):
+    """One node of the ring, in ring order: what the plan says and what its stage reports."""
+
+    name: str
+    rank: int
+    host: str | None = Field(description="its address in the cluster config")
+    backend: str | None = Field(description="mlx or torch")
+    device: str | None = Field(description="gpu, cpu or cuda")
+    layers: list[int] | None = Field(description="its half-open layer range [start, end)")
+    weight_bytes: int | None = Field(description="the plan's weight bytes (the head's tensors too)")
+    memory_bytes: int | None = Field(description="its usable memory (memory_gb - reserve_gb)")
+    cache_bytes: int | None = Field(description="KV cache bytes now (null while down)")
+    step_ms: float | None = Field(description="moving average of a step's compute and send")
+    sequences: int | None = Field(description="live sequences in its caches")
+    state: Literal["up", "down", "failed"] = Field(
+        description="failed: the node the last failure named; down: the ring is down"
+    )
+
+
+class Throughput(BaseModel):
+    """What the API saw lately (since this head started)."""
+
+    tokens_per_second: float = Field(description="generated tokens over the last window_s")
+    window_s: int
+    ttft_ms: float | None = Field(description="median time to first token, last minute")
+    itl_ms: float | None = Field(
+        description="inter-token latency: the median over the requests finished in the last "
+        "minute of each one's mean time between tokens"
+    )
+    hop_ms: float | None = Field(
+        description="estimated hop latency: (itl_ms - sum of the stages' step_ms) / hops; "
+        "null without recent tokens"
+    )
+    generated_tokens: int
+
+
+class History(BaseModel):
+    """Generated tokens per whole second, oldest first, from `start` (unix seconds)."""
+
+    start: int
+    tokens: list[int]
+
+
+class RingEvent(BaseModel):
+    time: float = Field(description="unix time")
+    kind: Literal["up", "failure", "down", "restart"]
+    message: str
+    node: str | None
+
+
+class RingInfo(BaseModel):
+    """The launcher's view across ring restarts (absent without the launcher's front)."""
+
+    up: bool
+    reason: str | None = Field(description="why the ring is down")
+    restarts: int
+    failures: dict[str, int] = Field(description="failures so far, per node")
+    repeated: list[str] = Field(description="nodes that keep failing")
+    events: list[RingEvent] = Field(description="recent events, newest first")
+
+
 class Status(BaseModel):
-    """The engine's own snapshot (refreshed by the engine about once a second)."""
+    """The ring at a glance: the engine's snapshot (refreshed about once a second), the
+    nodes in ring order, recent throughput and latency, and (behind the launcher's front)
+    restarts and failures. While the ring is down the front answers it itself."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -317,3 +380,7 @@ class Status(BaseModel):
     stages: list[StageStatus]
     live: int
     waiting: int
+    nodes: list[NodeStatus]
+    throughput: Throughput
+    history: History
+    ring: RingInfo | None = None

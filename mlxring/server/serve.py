@@ -43,6 +43,7 @@ def serve(engine: Engine, model_dir: str, opts: dict) -> None:
         vocab_size=facts.text.get("vocab_size"),
         max_body_bytes=int(opts.get("max_body_bytes", 1 << 20)),
         host=opts.get("public_host", host),  # behind the launcher's front: the public name
+        nodes=opts.get("node_facts") or [{"name": n} for n in opts.get("nodes", [])],
     )
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
