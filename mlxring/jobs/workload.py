@@ -3,8 +3,9 @@
 `batch` runs given requests concurrently and prints each one's tokens (tests
 compare them with solo runs). `bench` runs a synthetic workload (C requests of P
 random prompt tokens and G generated tokens each) and prints the figures:
-TTFT p50/p95, per-request decode tokens/s, aggregate tokens/s. The single-node
-baselines of `mlxring bench` are in `mlxring.jobs.baselines`.
+TTFT p50/p95, per-request decode tokens/s, aggregate tokens/s and aggregate decode
+tokens/s. The single-node baselines of `mlxring bench` are in `mlxring.jobs.baselines`,
+`--compare` in `mlxring.jobs.compare`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,20 @@ def batch(engine: Engine, model_dir: str, opts: dict) -> None:
     print(json.dumps({"results": results, "stats": engine.stats()}), flush=True)
 
 
+def decode_rate(results: list[dict]) -> float | None:
+    """Aggregate decode tokens/s: every token after a request's first, over the time in
+    which at least one request was decoding (the union of first-to-last-token spans)."""
+    spans = sorted((r["times"][0], r["times"][-1]) for r in results if len(r["times"]) > 1)
+    busy, covered = 0.0, float("-inf")
+    for start, end in spans:
+        busy += max(0.0, end - max(start, covered))
+        covered = max(covered, end)
+    tokens = sum(len(r["times"]) - 1 for r in results if r["times"])
+    return round(tokens / busy, 3) if busy > 0 else None
+
+
 def summarize(results: list[dict], wall_s: float, mode: str, concurrency: int) -> dict:
+    """The figures of one run: `results` per request its token times (s from the start)."""
     ttft = [r["times"][0] * 1000 for r in results if r["times"]]
     per_request = [
         (len(r["times"]) - 1) / (r["times"][-1] - r["times"][0])
@@ -96,25 +110,29 @@ def summarize(results: list[dict], wall_s: float, mode: str, concurrency: int) -
         "ttft_ms_p95": round(percentile(ttft, 0.95), 1),
         "generated_tokens": total,
         "wall_s": round(wall_s, 3),
+        "decode_tok_s": decode_rate(results),
     }
 
 
 def bench(engine: Engine, model_dir: str, opts: dict) -> None:
-    """The synthetic workload through the ring (modes lockstep / pipelined)."""
-    c, p, g = opts["concurrency"], opts["prompt_tokens"], opts["gen_tokens"]
-    prompts = synthetic_prompts(c, p, engine.tokenizer.vocab_size)
+    """The synthetic workload through the ring; one summary line per concurrency
+    (opts['concurrencies'], else the one opts['concurrency']), the same prompts for all."""
+    levels = opts.get("concurrencies") or [opts["concurrency"]]
+    p, g = opts["prompt_tokens"], opts["gen_tokens"]
+    prompts = synthetic_prompts(max(levels), p, engine.tokenizer.vocab_size)
     params = [SamplingParams(max_tokens=g, ignore_eos=True) for _ in prompts]
     run_all(engine, prompts[:1], params[:1])  # warm-up
-    done, shown = 0, 0.0
+    total, done, shown = sum(levels) * g, 0, 0.0
 
     def progress(n: int) -> None:  # at most ~10 lines a second for the launcher's bar
         nonlocal done, shown
         done += n
-        if opts.get("progress") and (time.monotonic() - shown > 0.1 or done == c * g):
+        if opts.get("progress") and (time.monotonic() - shown > 0.1 or done == total):
             shown = time.monotonic()
-            control(PROGRESS, done, c * g)
+            control(PROGRESS, done, total)
 
-    started = time.perf_counter()
-    results = run_all(engine, prompts, params, progress=progress)
-    summary = summarize(results, time.perf_counter() - started, opts["mode"], c)
-    print(json.dumps(summary), flush=True)
+    for c in levels:
+        started = time.perf_counter()
+        results = run_all(engine, prompts[:c], params[:c], progress=progress)
+        summary = summarize(results, time.perf_counter() - started, opts["mode"], c)
+        print(json.dumps(summary), flush=True)
