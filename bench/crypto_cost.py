@@ -20,7 +20,6 @@ import time
 from common import decode_timing, ensure_model
 
 from mlxring.crypto.link import Direction
-from mlxring.ring.transport import SLOT_BYTES
 
 HIDDEN = 1024
 
@@ -44,7 +43,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    decode_bytes = min(HIDDEN * 4 + 64, SLOT_BYTES)
+    decode_bytes = HIDDEN * 4 + 64  # one decode step's sealed body (hidden states + header)
     per_hop_decode = hop_seconds(decode_bytes)
     per_hop_prefill = hop_seconds(512 * HIDDEN * 4, runs=200)
 

@@ -11,7 +11,7 @@ import threading
 import time
 
 MAGIC = b"MXR1"
-FLIP_AT = 32 + 8  # past the 32-byte clear header: inside the sealed body
+FLIP_AT = 36 + 4  # past the 36-byte clear header: inside the sealed body
 
 
 class Proxy:

@@ -24,23 +24,35 @@ class CodecError(ValueError):
     """Bytes that do not describe an activation tensor."""
 
 
-def encode(x: mx.array) -> bytes:
-    """Header + data bytes of `x`."""
+def _parts(x: mx.array) -> tuple[bytes, memoryview]:
+    """The header of `x` and a view of its data (no copy)."""
     if x.dtype not in CODES:
         raise CodecError(f"cannot encode dtype {x.dtype}")
     head = _HEAD.pack(CODES[x.dtype], x.ndim) + struct.pack(f"<{x.ndim}I", *x.shape)
     flat = mx.contiguous(x).reshape(-1)
     data = np.asarray(flat.view(mx.uint8)) if x.size else np.empty(0, np.uint8)
-    return head + data.tobytes()
+    return head, memoryview(data)
+
+
+def encode(x: mx.array) -> bytes:
+    """Header + data bytes of `x`."""
+    return b"".join(_parts(x))
+
+
+def encode_parts(tensors: dict[str, mx.array]) -> list[bytes | memoryview]:
+    """Several named tensors (what travels between stages) as buffers to join, views of the
+    tensors' data among them: the caller makes the one copy."""
+    parts: list[bytes | memoryview] = [struct.pack("<B", len(tensors))]
+    for name, x in tensors.items():
+        head, data = _parts(x)
+        size = struct.pack("<I", len(head) + data.nbytes)
+        parts += [struct.pack("<B", len(name)), name.encode(), size, head, data]
+    return parts
 
 
 def encode_many(tensors: dict[str, mx.array]) -> bytes:
-    """Several named tensors (what travels between stages) as one buffer."""
-    parts = [struct.pack("<B", len(tensors))]
-    for name, x in tensors.items():
-        data = encode(x)
-        parts += [struct.pack("<B", len(name)), name.encode(), struct.pack("<I", len(data)), data]
-    return b"".join(parts)
+    """Several named tensors as one buffer."""
+    return b"".join(encode_parts(tensors))
 
 
 def decode_many(buf: bytes | memoryview) -> dict[str, mx.array]:
