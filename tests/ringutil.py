@@ -68,6 +68,29 @@ def stop_launcher(proc: subprocess.Popen, grace: float = 15) -> None:
     proc.wait()
 
 
+def launch_serving(config: Path, model: Path, *extra: str) -> subprocess.Popen:
+    """`mlxring launch CONFIG --model MODEL` in its own process group, once it says it is
+    serving (pipes open: stdout and stderr text); stopped again if it ends before that."""
+    argv = [sys.executable, "-m", "mlxring", "launch", str(config), "--model", str(model)]
+    proc = subprocess.Popen(
+        [*argv, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        seen = ""
+        while "serving" not in seen:
+            line = proc.stderr.readline()
+            assert line, f"launch ended: {seen}"
+            seen += line
+    except BaseException:
+        stop_launcher(proc)
+        raise
+    return proc
+
+
 def run_ring(script: str, size: int, *args: str, timeout: float = 120) -> list[tuple[int, str]]:
     """Run `python script args` as `size` ranks of a real ring on loopback.
 

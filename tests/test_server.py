@@ -18,7 +18,7 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
 from mlxring.model import tokenizer as jobs
-from tests.ringutil import children, cmdline, free_port, stop_launcher
+from tests.ringutil import children, cmdline, free_port, launch_serving, stop_launcher
 
 KEY = "test-key"
 
@@ -33,29 +33,8 @@ def server(tiny_llama, tmp_path_factory):
         "  - {name: head, host: localhost, memory_gb: 8}\n"
         "  - {name: tail, host: localhost, memory_gb: 8}\n"
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlxring",
-            "launch",
-            str(config),
-            "--model",
-            str(tiny_llama),
-            "--step-timeout",
-            "4",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = launch_serving(config, tiny_llama, "--step-timeout", "4")
     try:
-        seen = ""
-        while "serving" not in seen:
-            line = proc.stderr.readline()
-            assert line, f"launch ended: {seen}"
-            seen += line
         yield proc, f"http://127.0.0.1:{port}"
     finally:
         stop_launcher(proc)

@@ -9,8 +9,6 @@ import base64
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -23,7 +21,7 @@ from mlxring import cli
 from mlxring.cluster.supervise import RingState
 from mlxring.server import schemas
 from mlxring.server.status import HISTORY_S, Recent, RingWatch
-from tests.ringutil import children, cmdline, free_port, stop_launcher
+from tests.ringutil import children, cmdline, free_port, launch_serving, stop_launcher
 
 KEY = "page-key-5e1f"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -54,16 +52,8 @@ def ring(tiny_llama, tmp_path_factory):
         f"  - {{name: {NAMES[0]}, host: localhost, memory_gb: 8}}\n"
         f"  - {{name: {NAMES[1]}, host: localhost, memory_gb: 8}}\n"
     )
-    argv = [sys.executable, "-m", "mlxring", "launch", str(config), "--model", str(tiny_llama)]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = launch_serving(config, tiny_llama)
     try:
-        seen = ""
-        while "serving" not in seen:
-            line = proc.stderr.readline()
-            assert line, f"launch ended: {seen}"
-            seen += line
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep it drained
         threading.Thread(target=proc.stdout.read, daemon=True).start()
         yield proc, f"http://127.0.0.1:{port}"
