@@ -58,3 +58,20 @@ def test_a_rank_that_lies_about_sizes_gets_a_protocol_error_not_a_hang(lie, erro
     (_, liar), (code, out) = run_ring(LIES, 2, lie, timeout=60)
     assert code == 0, out
     assert "rank 1: ProtocolError: " in out and error in out, out + liar
+
+
+IDLE = str(ROOT / "tests" / "scripts" / "ring_idle.py")
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_a_rank_waiting_on_its_left_neighbour_sleeps_instead_of_spinning(size):
+    """mlx's ring receive spins a core until the bytes come (about 60% of the wait here
+    without `ring.idle`); the transport waits asleep in poll on the same sockets first."""
+    results = run_ring(IDLE, size, "2.0", timeout=120)
+    assert all(code == 0 for code, _ in results), results
+    line = results[0][1].strip().splitlines()[-1]
+    fields = dict(part.split("=") for part in line.split())
+    assert fields["found"] == "True", line
+    wall, cpu = float(fields["wall"]), float(fields["cpu"])
+    assert wall >= 2.0, line
+    assert cpu < 0.25 * wall, f"the waiting rank spun: {line}"

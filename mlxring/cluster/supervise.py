@@ -242,13 +242,15 @@ class Supervisor:
             self.bar.close()
 
     # the loop ---------------------------------------------------------------
-    def _blame(self) -> tuple[str, str | None]:
-        """Why the ring failed, in one line naming the node, and that node's name."""
+    def _blame(self, first: list[Rank]) -> tuple[str, str | None]:
+        """Why the ring failed, in one line naming the node, and that node's name. `first`:
+        the ranks seen failed first (a killed rank's neighbours die after it, one of them
+        perhaps by a signal of its own, such as an abort as it exits)."""
         failed = [r for r in self.ranks if r.proc.returncode not in (None, 0)]
 
-        def order(r: Rank) -> int:
+        def order(r: Rank) -> tuple[int, bool]:
             rc = r.proc.returncode
-            return 0 if rc < 0 else 2 if rc == EXIT_PEER_LOST else 1
+            return (0 if rc < 0 else 2 if rc == EXIT_PEER_LOST else 1), r not in first
 
         auth = [r for r in failed if r.proc.returncode == EXIT_AUTH]
         if auth:
@@ -287,9 +289,9 @@ class Supervisor:
         announced = False
         while not self.stopping.is_set():
             head = self.ranks[0]
-            if any(r.proc.poll() not in (None, 0) for r in self.ranks):
+            if first := [r for r in self.ranks if r.proc.poll() not in (None, 0)]:
                 self._settle()
-                reason, node = self._blame()
+                reason, node = self._blame(first)
                 self.state.down(reason, node)
                 self.log(f"{reason}; stopping the other ranks")
                 return 1

@@ -9,6 +9,7 @@ import time
 from mlxring.engine.engine import Engine
 from mlxring.engine.request import SamplingParams
 from mlxring.model.tokenizer import encode_prompt
+from mlxring.ring.transport import PeerLost
 
 
 def sampling(opts: dict) -> SamplingParams:
@@ -28,7 +29,7 @@ def run_prompt(engine: Engine, tokenizer, prompt: str, opts: dict, out=sys.stdou
     tokens, texts, times = [], [], []
     for event in engine.submit(prompt_ids, sampling(opts)):
         if event.finish_reason == "error":
-            raise RuntimeError(f"the ring failed: {engine.error}")
+            raise PeerLost(f"the ring failed: {engine.error}")  # the rank exits as lost
         if event.token is not None:
             tokens.append(event.token)
             times.append(time.perf_counter())

@@ -35,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxring.ring import codec
+from mlxring.ring.idle import LeftLinks
 
 # magic, seq, micro-batch, layer start, end, sealed inline, sealed remainder, next slot
 HEADER = struct.Struct("<4sQiIIIII")
@@ -84,6 +85,8 @@ class RingTransport:
         self._local = threading.local()  # mlx streams belong to the thread that made them
         # sends in flight; kept so that flush() can wait on them and see their errors
         self._sends: collections.deque = collections.deque(maxlen=_RETAINED_SENDS)
+        # asleep until the left neighbour's bytes come, not in mlx's spinning receive
+        self.left_links = LeftLinks.find(self.rank) if self.size > 1 else LeftLinks([])
 
     def send(self, data: bytes | bytearray, to: int | None = None) -> None:
         """Start sending `data` to the right neighbour (or neighbour `to`); returns at once."""
@@ -102,6 +105,8 @@ class RingTransport:
     def recv(self, nbytes: int, peer: int | None = None) -> memoryview:
         """Receive exactly `nbytes` from the left neighbour (or neighbour `peer`)."""
         peer = self.left if peer is None else peer
+        if peer == self.left:
+            self.left_links.wait()
         try:
             arr = mx.distributed.recv((nbytes,), mx.uint8, peer, group=self.group)
             mx.eval(arr)
