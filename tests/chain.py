@@ -28,7 +28,7 @@ class Chain:
         head = self.shards[0]
         x = head.embed(tokens)
         for shard, cache in zip(self.shards, self.caches):
-            x = shard(shard.arrive(x), cache)  # as on the ring: converted on arrival
+            x = shard.depart(shard(shard.arrive(x), cache))  # as on the ring: the wire form
         return head.logits(head.arrive(x))
 
 

@@ -1,4 +1,5 @@
-"""The shared oracle of the shard tests: mlx-lm's own full model, step by step."""
+"""The shared oracles of the shard tests: mlx-lm's own full model, step by step, and
+transformers' own `generate` (greedy) for the torch shards."""
 
 from __future__ import annotations
 
@@ -18,3 +19,20 @@ def mlx_lm_steps(model, batch: int, prompt_len: int, decode_steps: int):
         logits.append(model(steps[-1], cache=cache))
     mx.eval(logits)
     return steps, logits
+
+
+def hf_generate(model_dir, prompt: list[int], new_tokens: int, device: str = "cpu") -> list[int]:
+    """transformers' own greedy tokens for `prompt` (EOS does not stop it)."""
+    import torch  # lazy: the mlx-only shard tests need no torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt], device=device),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()

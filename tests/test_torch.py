@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from chain import generate
+from oracle import hf_generate
 
 from mlxring.cluster.config import ConfigError, parse_config
 from mlxring.cluster.launch import resolve
@@ -46,22 +47,6 @@ def checkpoints(tmp_path_factory) -> dict:
 
 def until_eos(tokens: list[int]) -> list[int]:
     return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
-
-
-def hf_generate(model_dir, prompt: list[int], new_tokens: int) -> list[int]:
-    """transformers' own greedy tokens for `prompt` (EOS does not stop it)."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +302,7 @@ def test_half_precision_torch_stage_after_an_fp32_mlx_head(checkpoints, dtype):
     tokens = mx.array([PROMPT])
     x = head(head.embed(tokens), head.make_cache())
     assert x["h"].dtype == mx.float32
-    x = middle(x, middle.make_cache())
+    x = middle.depart(middle(x, middle.make_cache()))
     assert x["h"].dtype == x["per_layer"].dtype == getattr(mx, dtype)
     assert middle.layers[2].self_attn.q_proj.weight.dtype == getattr(torch, dtype)
     x = last(last.arrive(x), last.make_cache())

@@ -42,7 +42,7 @@ from mlxring.crypto.link import IntegrityError
 from mlxring.engine.detok import Detok
 from mlxring.engine.handle import EngineBusy, Event, Handle, RequestTooLarge, RingDown
 from mlxring.engine.header import PREFILL_PREFIX
-from mlxring.engine.request import SamplingParams, Sequence, sample
+from mlxring.engine.request import SamplingParams, Sequence
 from mlxring.engine.scheduler import Scheduler, Step
 from mlxring.engine.stage import StageState
 from mlxring.ring.transport import Channel, PeerLost, ProtocolError
@@ -348,7 +348,8 @@ class Engine:
             self.state.record(time.perf_counter() - started)
             return
         layers = (self.shard.start, self.shard.end)
-        self.channel.send(header.to_wire(), x, micro_batch=header.micro_batch, layers=layers)
+        wire = x and self.shard.depart(x)  # to the host, in the wire form
+        self.channel.send(header.to_wire(), wire, micro_batch=header.micro_batch, layers=layers)
         self.state.record(time.perf_counter() - started)
         self.in_flight.append(step)
 
@@ -392,7 +393,7 @@ class Engine:
     def _finish_step(self, step: Step, x) -> None:
         sampled = []
         if step.seqs:
-            sampled = sample(self.shard.logits(self.shard.arrive(x))[:, -1, :], step.seqs)
+            sampled = self.shard.sample(self.shard.arrive(x), step.seqs)
         self.steps_done += 1
         advanced = self.scheduler.complete(step, sampled)
         for seq in advanced:
@@ -400,7 +401,8 @@ class Engine:
             if stopped and not seq.finished:
                 self.scheduler.cancel(seq, "stop")
             reason = seq.finish_reason if seq.finished else None
-            self.handles[seq.id].push(Event(seq.tokens[-1], text, reason))
+            logprob, top = seq.last_logprobs or (None, None)
+            self.handles[seq.id].push(Event(seq.tokens[-1], text, reason, None, logprob, top))
             if seq.finished:
                 self._forget(seq)
         for seq in step.seqs:  # cancelled while in flight

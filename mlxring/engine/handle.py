@@ -31,6 +31,10 @@ class Event:
     # set on the last event: "stop" | "length" | "cancelled" | "error"
     finish_reason: str | None = None
     error: str | None = None  # with "error": what went down (names the node where known)
+    # with SamplingParams.logprobs: the token's log probability, and the likeliest
+    # tokens' (id, log probability), most likely first
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class Handle:

@@ -1,11 +1,11 @@
 """The stages after the head, in this process: what the engine sends to instead of a ring.
 
 `LocalStages(shards)` speaks the head's side of a `Channel` (send a step, receive
-it back): each step is applied by every later stage in ring order, with the
-tensors converted on arrival as over the wire. It runs a split model (for
-example an mlx head followed by torch stages) on one machine through the same
-engine and scheduler as the ring; with no later stage the engine needs no
-channel at all.
+it back): each step is applied by every later stage in ring order, each stage's
+output leaving it in the wire form (`Shard.depart`) and converted on arrival, as
+over the wire. It runs a split model (for example an mlx head followed by torch
+stages) on one machine through the same engine and scheduler as the ring; with
+no later stage the engine needs no channel at all.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class LocalStages:
             x = tensors or None
             for i, state in enumerate(self.states):
                 x = state.apply(header, x, last=i == len(self.states) - 1)
+                x = x and state.shard.depart(x)  # as over the wire: whatever the next backend
             if x:  # as the wire would: the step is computed before it comes back
                 mx.eval([v for v in x.values() if isinstance(v, mx.array)])
             tensors = x or {}

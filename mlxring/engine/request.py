@@ -7,7 +7,6 @@ import secrets
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 _ids = itertools.count(1)
 SEED_LIMIT = 2**64  # seeds are unsigned 64-bit (mx.random.key's range)
@@ -22,6 +21,9 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per request; a given one repeats
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    # None: no log probabilities; k: each token's log probability and its k likeliest
+    logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits first
 
     def __post_init__(self):
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -34,6 +36,8 @@ class SamplingParams:
             or not 0 <= self.seed < SEED_LIMIT
         ):
             raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError("logprobs must be >= 0 (the likeliest tokens to report)")
 
 
 @dataclass
@@ -49,6 +53,8 @@ class Sequence:
     group: int | None = None  # decode micro-batch, once prefilled
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     key: mx.array | None = None  # per-request PRNG state (seeded sampling)
+    # with params.logprobs: the last token's log probability and the likeliest (id, lp)
+    last_logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
     def __post_init__(self):
         if not self.prompt:
@@ -83,24 +89,3 @@ class Sequence:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.params.max_tokens:
             self.finish_reason = "length"
-
-
-def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
-    """One token per row of `logits` [B, vocab], with each sequence's own parameters."""
-
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    greedy = mx.argmax(logprobs, axis=-1)
-    out = []
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.temperature == 0:
-            out.append(greedy[i])
-            continue
-        row = logprobs[i : i + 1]
-        if 0 < p.top_k < row.shape[-1]:
-            row = apply_top_k(row, p.top_k)
-        if p.top_p < 1.0:
-            row = apply_top_p(row, p.top_p)
-        seq.key, sub = mx.random.split(seq.key)
-        out.append(mx.random.categorical(row * (1 / p.temperature), key=sub)[0])
-    return [int(t) for t in mx.stack(out).tolist()] if out else []

@@ -147,6 +147,7 @@ def serve_stage(shard: Shard, channel: Channel) -> None:
                 )
             started = time.perf_counter()
             out = state.apply(header, x or None, last=last)
+            out = out and shard.depart(out)  # to the host, in the wire form
             channel.send(meta, out, micro_batch=header.micro_batch, layers=layers)
             state.record(time.perf_counter() - started)  # send evaluates the step
         elif op == "stats":

@@ -21,6 +21,7 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_config
 
 from mlxring.model.facts import CheckpointError
 from mlxring.model.weights import belongs, load_subset
+from mlxring.shards.mlx_sample import sample
 
 
 class Absent(nn.Module):
@@ -76,6 +77,14 @@ class MlxShard:
     def make_cache(self) -> list:
         """One cache per local layer: rotating over the window for sliding layers."""
         return [RotatingKVCache(max_size=self.window) if s else KVCache() for s in self.sliding]
+
+    def depart(self, x: dict[str, mx.array]) -> dict[str, mx.array]:
+        """mx arrays are the wire form already."""
+        return x
+
+    def sample(self, x: dict[str, mx.array], seqs: list) -> list[int]:
+        """A token per sequence from the last position's logits (the mlx sampler)."""
+        return sample(self.logits(x)[:, -1, :], seqs)
 
     def arrive(self, x: dict[str, mx.array]) -> dict[str, mx.array]:
         """Tensors from the ring in this shard's dtype (a torch stage may compute in another)."""

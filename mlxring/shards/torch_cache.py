@@ -6,9 +6,16 @@ left padding (`pad`), which the masks hide and the positions skip. The batch
 operations the stage state drives (`merge`, `extend`, `filter`) are those of
 mlx-lm's batch caches, so `mlxring.engine.stage` treats both backends alike.
 Sliding-window layers keep every key; their mask hides what is out of the window.
+
+A decode group's cache may live in an arena of `mlxring.shards.torch_static`
+(fixed buffers a CUDA graph replays against): `enter` moves it in; any batch
+operation moves it out again to exact-size tensors, and the arena goes back to
+its pool once no layer's cache holds it.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -18,14 +25,23 @@ STEP = 256  # capacity grows in steps of this many positions
 
 class TorchKVCache:
     def __init__(self, pad: list[int] | None = None):
-        self.keys: torch.Tensor | None = None  # [B, H, capacity, D]
+        self.keys: torch.Tensor | None = None  # [rows, H, capacity, D]; rows > B in an arena
         self.values: torch.Tensor | None = None
         self.length = 0  # positions used (padding included)
         self.pad = list(pad) if pad is not None else [0]  # left padding per sequence
+        self.batched = False  # a batch cache (merge's), as decode groups hold
+        self.arena = None  # the static arena holding keys/values, if any
+        self._release = None  # gives the arena back (once), also when this cache is dropped
+
+    @property
+    def batch(self) -> int:
+        return len(self.pad)
 
     # the layer's view ---------------------------------------------------------
     def update(self, keys: torch.Tensor, values: torch.Tensor):
         """Append this step's keys/values; all of them so far come back."""
+        if self.arena is not None:  # arena steps write through the arena; this is eager
+            self._leave()
         new = keys.shape[2]
         end = self.length + new
         if self.keys is None or end > self.keys.shape[2]:
@@ -45,11 +61,42 @@ class TorchKVCache:
             new_v[:, :, : self.length] = self.values[:, :, : self.length]
         self.keys, self.values = new_k, new_v
 
+    # the static arena --------------------------------------------------------
+    def enter(self, arena, layer: int) -> None:
+        """Move this cache's sequences into `arena`'s buffers of local layer `layer` (rows
+        beyond the batch and positions beyond the length are zeroed)."""
+        keys, values = arena.keys[layer], arena.values[layer]
+        if keys is not None:
+            keys.zero_()
+            values.zero_()
+            if self.keys is not None and self.length:
+                b, n = self.batch, self.length
+                keys[:b, :, :n] = self.keys[:b, :, :n]
+                values[:b, :, :n] = self.values[:b, :, :n]
+        self._detach()
+        self.keys, self.values, self.arena = keys, values, arena
+        arena.holders += 1
+        self._release = weakref.finalize(self, arena.release_one)
+
+    def _detach(self) -> None:
+        if self._release is not None:
+            self._release()  # at most once, whether called here or at collection
+        self._release, self.arena = None, None
+
+    def _leave(self) -> None:
+        """Out of the arena into tensors of this cache's own."""
+        b, n = self.batch, self.length
+        keys = self.keys[:b, :, :n].clone() if self.keys is not None else None
+        values = self.values[:b, :, :n].clone() if self.values is not None else None
+        self._detach()
+        self.keys, self.values = keys, values
+
     # batch operations (mlx-lm's batch cache interface) --------------------------
     def merge(self, caches: list[TorchKVCache]) -> TorchKVCache:
         """One batch cache holding `caches`' sequences, in order."""
         out = TorchKVCache(pad=[])
         out._assign(caches)
+        out.batched = True
         return out
 
     def extend(self, other: TorchKVCache) -> None:
@@ -69,11 +116,12 @@ class TorchKVCache:
                 k = like_k.new_zeros(batch, like_k.shape[1], length, like_k.shape[3])
                 v = like_v.new_zeros(batch, like_v.shape[1], length, like_v.shape[3])
                 if c.keys is not None:
-                    k[:, :, length - c.length :] = c.keys[:, :, : c.length]
-                    v[:, :, length - c.length :] = c.values[:, :, : c.length]
+                    k[:, :, length - c.length :] = c.keys[:batch, :, : c.length]
+                    v[:, :, length - c.length :] = c.values[:batch, :, : c.length]
                 parts_k.append(k)
                 parts_v.append(v)
             keys, values = torch.cat(parts_k), torch.cat(parts_v)
+        self._detach()
         self.keys, self.values, self.length, self.pad = keys, values, length, pads
 
     def extract(self, index: int) -> TorchKVCache:
@@ -91,18 +139,24 @@ class TorchKVCache:
         keep = [int(i) for i in np.asarray(indices).reshape(-1)]
         self.pad = [self.pad[i] for i in keep]
         trim = min(self.pad, default=0)
+        keys = values = None
         if self.keys is not None:
             index = torch.tensor(keep, device=self.keys.device)
-            self.keys = self.keys[index, :, trim : self.length]
-            self.values = self.values[index, :, trim : self.length]
+            keys = self.keys[index, :, trim : self.length]
+            values = self.values[index, :, trim : self.length]
+        self._detach()
+        self.keys, self.values = keys, values
         self.pad = [p - trim for p in self.pad]
         self.length -= trim
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the positions in use (an arena's spare rows and capacity not counted)."""
         if self.keys is None:
             return 0
-        return (self.keys.nbytes + self.values.nbytes) * self.length // self.keys.shape[2]
+        per_position = (self.keys.shape[1] * self.keys.shape[3]) * self.keys.element_size()
+        per_position += (self.values.shape[1] * self.values.shape[3]) * self.values.element_size()
+        return per_position * self.batch * self.length
 
     @property
     def state(self) -> list:

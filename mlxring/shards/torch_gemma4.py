@@ -13,7 +13,7 @@ import mlx.core as mx
 import torch
 
 from mlxring.model.facts import check_kv_pairs, kv_sharing_pairs
-from mlxring.shards.torch_shard import TorchShard, to_mx, to_torch
+from mlxring.shards.torch_shard import TorchShard, to_torch
 
 
 class TorchGemma4Shard(TorchShard):
@@ -40,20 +40,17 @@ class TorchGemma4Shard(TorchShard):
         per_layer = self.inner.get_per_layer_inputs(ids, h)
         return {"h": h, "per_layer": self.inner.project_per_layer_inputs(h, per_layer)}
 
-    @torch.no_grad()
-    def __call__(self, x: dict, cache: list) -> dict[str, mx.array]:
-        x = self.arrive(x)
+    def run(self, x: dict[str, torch.Tensor], inputs: dict[str, dict]) -> dict[str, torch.Tensor]:
         h, per_layer = x["h"], x.get("per_layer")
         if per_layer is None and self.config.hidden_size_per_layer_input:
             raise ValueError(f"layers {self.start}-{self.end - 1} need the per-layer inputs")
         # per_layer holds the slices of the last per_layer.shape[2] layers
         first = self.num_layers - per_layer.shape[2] if per_layer is not None else 0
-        inputs = self.layer_inputs(h, cache)  # a stage starts with a K/V owner: cache[0]
         shared: dict = {}  # layer type -> the K/V its storing layer computed this step
-        for i, layer in self.layers.items():
+        for i, layer in self.layers.items():  # a stage starts with a K/V owner (cache[0])
             extra = per_layer[:, :, i - first, :] if per_layer is not None else None
             h = layer(h, extra, shared_kv_states=shared, **inputs[self.types[i]])
-        out = {"h": to_mx(h)}
+        out = {"h": h}
         if per_layer is not None and self.end < self.num_layers:
-            out["per_layer"] = to_mx(per_layer[:, :, self.end - first :, :])
+            out["per_layer"] = per_layer[:, :, self.end - first :, :]
         return out

@@ -10,9 +10,11 @@ on the MLX shards.
 
 The contract is the MLX shards' one (`mlxring.shards.base.Shard`): tensors from
 the ring arrive as mx arrays (in whatever dtype the previous stage computed in)
-and are converted to this node's device and dtype on arrival; `__call__`
-returns mx arrays for the wire. `embed` returns torch tensors, which only this
-shard consumes.
+and are converted to this node's device and dtype on arrival; `__call__` returns
+torch tensors on the device, and only `depart` brings them to the host (pinned,
+one copy per tensor) as mx arrays for the wire. A head samples on its device
+(`mlxring.shards.torch_sample`): only token ids come to the host. Decode steps of
+a group run at fixed addresses, as CUDA graphs on a GPU (`mlxring.shards.torch_static`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from mlxring.model.facts import CheckpointError, ModelFacts
 from mlxring.model.weights import belongs, weight_map
 from mlxring.shards.torch_cache import LayerCaches, TorchKVCache, attention_mask, positions
+from mlxring.shards.torch_sample import TorchSampler
+from mlxring.shards.torch_static import StaticDecoder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICES = ("cpu", "cuda")
@@ -49,17 +53,30 @@ def to_torch(x: mx.array, device, dtype: torch.dtype | None = None) -> torch.Ten
         t = torch.from_numpy(np.array(x.view(mx.uint16), copy=True)).view(torch.bfloat16)
     else:
         t = torch.from_numpy(np.array(x, copy=True))
-    if dtype is not None and t.is_floating_point():
-        return t.to(device=device, dtype=dtype)
-    return t.to(device=device)
+    t = t.to(device=device)  # then convert: the copy moves the sender's (maybe fewer) bytes
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def to_mx(t: torch.Tensor) -> mx.array:
-    """A torch tensor as an mx array, in the same dtype."""
+    """A torch tensor (on the host) as an mx array, in the same dtype."""
     t = t.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:
         return mx.array(t.view(torch.uint16).numpy()).view(mx.bfloat16)
     return mx.array(t.numpy())
+
+
+def to_host(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Device tensors copied to the host: into pinned buffers, all copies queued, one wait."""
+    out = {}
+    for k, v in x.items():
+        if v.device.type != "cuda":
+            out[k] = v
+            continue
+        out[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        out[k].copy_(v, non_blocking=True)
+    if len(out) and any(v.device.type == "cuda" for v in x.values()):
+        torch.cuda.current_stream().synchronize()
+    return out
 
 
 def resolve_dtype(name: str | None, facts: ModelFacts) -> torch.dtype:
@@ -105,6 +122,12 @@ class TorchShard:
         self.types = {i: types[i] for i in range(start, end)}
         rope_params = inspect.signature(self.inner.rotary_emb.forward).parameters
         self.rope_by_type = "layer_type" in rope_params
+        self.windows = {  # per attention kind: its sliding window (None: full)
+            kind: self.config.sliding_window if kind == "sliding_attention" else None
+            for kind in sorted(set(self.types.values()))
+        }
+        self.decoder = StaticDecoder(self)  # the decode mode: device's, or MLXRING_TORCH_DECODE
+        self.sampler = TorchSampler(device) if is_head else None
 
     @property
     def num_layers(self) -> int:
@@ -242,31 +265,59 @@ class TorchShard:
         """
         new = h.shape[1]
         pos = positions(cache[0], new, self.device)
-        view = LayerCaches(dict(zip(self.layers, cache)))
+        masks = {
+            kind: attention_mask(cache[0], new, window, h.dtype, self.device)
+            for kind, window in self.windows.items()
+        }
+        return self.layer_kwargs(h, pos, masks, LayerCaches(dict(zip(self.layers, cache))))
+
+    def layer_kwargs(self, h: torch.Tensor, pos, masks: dict, view) -> dict[str, dict]:
+        """Per layer type, its decoder layers' keyword arguments for positions `pos` [B, T]."""
         inputs = {}
-        for kind in set(self.types.values()):
+        for kind in self.windows:
             by_type = (kind,) if self.rope_by_type else ()
-            window = self.config.sliding_window if kind == "sliding_attention" else None
             inputs[kind] = {
                 "position_embeddings": self.inner.rotary_emb(h, pos, *by_type),
-                "attention_mask": attention_mask(cache[0], new, window, h.dtype, self.device),
+                "attention_mask": masks[kind],
                 "position_ids": pos,
                 "past_key_values": view,
             }
         return inputs
 
     @torch.no_grad()
-    def __call__(self, x: dict, cache: list[TorchKVCache]) -> dict[str, mx.array]:
-        h = self.arrive(x)["h"]
-        inputs = self.layer_inputs(h, cache)
+    def __call__(self, x: dict, cache: list[TorchKVCache]) -> dict[str, torch.Tensor]:
+        x = self.arrive(x)
+        if self.decoder.applies(x, cache):  # a decode group's step: static cache, graphs
+            return self.decoder(x, cache)
+        return self.run(x, self.layer_inputs(x["h"], cache))
+
+    def run(self, x: dict[str, torch.Tensor], inputs: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """The local layers on `x` with `inputs` (per layer type, from `layer_kwargs`)."""
+        h = x["h"]
         for i, layer in self.layers.items():
             h = layer(h, **inputs[self.types[i]])
-        return {"h": to_mx(h)}
+        return {"h": h}
+
+    def depart(self, x: dict) -> dict[str, mx.array]:
+        """To the host and into mx arrays, in this node's dtype."""
+        host = to_host({k: v for k, v in x.items() if isinstance(v, torch.Tensor)})
+        return {k: to_mx(host[k]) if k in host else v for k, v in x.items()}
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head (and softcap) on the device, float32."""
+        out = self.model.lm_head(self.inner.norm(h))
+        if cap := getattr(self.config, "final_logit_softcapping", None):
+            out = torch.tanh(out / cap) * cap
+        return out.float()
 
     @torch.no_grad()
     def logits(self, x: dict) -> mx.array:
-        h = self.inner.norm(self.arrive(x)["h"])
-        out = self.model.lm_head(h)
-        if cap := getattr(self.config, "final_logit_softcapping", None):
-            out = torch.tanh(out / cap) * cap
-        return to_mx(out.float())
+        return to_mx(self.head_logits(self.arrive(x)["h"]))
+
+    @torch.no_grad()
+    def sample(self, x: dict, seqs: list) -> list[int]:
+        """Tokens drawn on the device from the last position's logits (a single node's
+        decode step computed them already)."""
+        if "logits" in x:
+            return self.sampler(x["logits"], seqs)
+        return self.sampler(self.head_logits(self.arrive(x)["h"][:, -1]), seqs)
