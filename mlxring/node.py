@@ -24,6 +24,8 @@ from mlxring.cluster.protocol import (
     EXIT_OK,
     EXIT_PEER_LOST,
     EXIT_USER_ERROR,
+    LOADED,
+    LOADING,
     READY,
     TORCH_THREADS_ENV,
     WATCH_PARENT_ENV,
@@ -33,6 +35,7 @@ from mlxring.cluster.protocol import (
 from mlxring.crypto.handshake import HandshakeError
 from mlxring.crypto.link import IntegrityError
 from mlxring.errors import UserError
+from mlxring.model.weights import footprint
 from mlxring.ring.connect import join_ring
 from mlxring.ring.transport import PeerLost
 
@@ -53,6 +56,8 @@ def run(args: RankArgs) -> None:
     if args.compute == "mlx" and args.device == "cpu":
         mx.set_default_device(mx.cpu)
     start, end = args.layers
+    control(LOADING, start, end, weight_bytes(args.model, start, end, rank == 0))
+    began = time.monotonic()
     shard = load_shard(
         args.model,
         start,
@@ -62,6 +67,7 @@ def run(args: RankArgs) -> None:
         device=args.device,
         dtype=args.dtype,
     )
+    control(LOADED, f"{time.monotonic() - began:.2f}")
     if rank != 0:
         control(READY, rank)
         serve_stage(shard, channel)
@@ -75,6 +81,15 @@ def run(args: RankArgs) -> None:
     finally:
         if engine.error is None:  # a failed engine may be stuck in a receive: leave it
             engine.close()
+
+
+def weight_bytes(model: str, start: int, end: int, is_head: bool) -> int:
+    """Bytes of the weights this rank loads (0 if the headers cannot tell: the load says why)."""
+    try:
+        fp = footprint(model)
+    except (UserError, OSError, ValueError):
+        return 0
+    return sum(fp.layer_bytes[start:end]) + (fp.head_bytes if is_head else 0)
 
 
 def exit_with_parent(parent: int) -> None:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def stop_launcher(proc: subprocess.Popen, grace: float = 15) -> None:
 
 def launch_serving(config: Path, model: Path, *extra: str) -> subprocess.Popen:
     """`mlxring launch CONFIG --model MODEL` in its own process group, once it says it is
-    serving (pipes open: stdout and stderr text); stopped again if it ends before that."""
+    serving (stdout a text pipe); stopped again if it ends before that. Its stderr is read
+    on, into `proc.lines` (a full pipe would block the launcher: it logs every request)."""
     argv = [sys.executable, "-m", "mlxring", "launch", str(config), "--model", str(model)]
     proc = subprocess.Popen(
         [*argv, *extra],
@@ -79,16 +81,27 @@ def launch_serving(config: Path, model: Path, *extra: str) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+    proc.lines = []
     try:
-        seen = ""
-        while "serving" not in seen:
+        while not any("serving" in line for line in proc.lines):
             line = proc.stderr.readline()
-            assert line, f"launch ended: {seen}"
-            seen += line
+            assert line, f"launch ended: {''.join(proc.lines)}"
+            proc.lines.append(line)
     except BaseException:
         stop_launcher(proc)
         raise
+    threading.Thread(target=lambda: proc.lines.extend(proc.stderr), daemon=True).start()
     return proc
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, after: int = 0, within: float = 60) -> str:
+    """The first line of `proc.lines` (launch_serving) from index `after` on that holds
+    `text`, once it has come."""
+    deadline = time.monotonic() + within
+    while not (found := [line for line in proc.lines[after:] if text in line]):
+        assert time.monotonic() < deadline, f"no line with {text!r}: {''.join(proc.lines)}"
+        time.sleep(0.05)
+    return found[0]
 
 
 def run_ring(script: str, size: int, *args: str, timeout: float = 120) -> list[tuple[int, str]]:

@@ -460,8 +460,15 @@ def chat(model: str, extra: str = "", content: str = '"hi"') -> str:
         (lambda m: chat(m, content='[{"type": "image_url"}]'), "messages.0.content"),
         (lambda m: chat(m, content='"bad \\ud800 text"'), "messages.0.content"),
         (lambda m: chat(m, ', "stop": "\\udfff"'), "stop"),
-        (lambda m: chat(m, ', "n": 2'), "n"),
+        (lambda m: chat(m, ', "n": 17'), "n"),
         (lambda m: chat(m, ', "n": 0'), "n"),
+        (lambda m: chat(m, ', "tool_choice": "required"'), "tool_choice"),
+        (lambda m: chat(m, ', "top_logprobs": 2'), "top_logprobs"),
+        (lambda m: chat(m, ', "logprobs": true, "top_logprobs": 21'), "top_logprobs"),
+        (lambda m: chat(m, ', "logit_bias": {"99999999": 1}'), "logit_bias"),
+        (lambda m: chat(m, ', "logit_bias": {"1": 101}'), "logit_bias"),
+        (lambda m: chat(m, ', "frequency_penalty": 0.5'), "frequency_penalty"),
+        (lambda m: chat(m, ', "response_format": {"type": "json_object"}'), "response_format"),
         (lambda m: chat(m)[:-3], None),  # malformed JSON
         (lambda m: "[1, 2]", None),
         (lambda m: chat(m, ', "temperature": NaN'), "temperature"),
@@ -473,12 +480,12 @@ def test_bad_fields_are_400_with_openai_json(ring, tiny_llama, greedy, make, par
     assert_serves_greedy(ring, tiny_llama.name, greedy)
 
 
-def test_n_above_one_says_so(ring, tiny_llama):
-    error = error_of(post(ring, "/v1/chat/completions", chat(tiny_llama.name, ', "n": 3')), 400)
-    assert "only n=1 is supported" in error["message"]
+def test_more_than_16_choices_says_so(ring, tiny_llama):
+    error = error_of(post(ring, "/v1/chat/completions", chat(tiny_llama.name, ', "n": 17')), 400)
+    assert "16" in error["message"]
     with pytest.raises(openai.BadRequestError):
         client(ring).chat.completions.create(
-            model=tiny_llama.name, n=2, messages=[{"role": "user", "content": "x"}]
+            model=tiny_llama.name, n=17, messages=[{"role": "user", "content": "x"}]
         )
 
 
@@ -647,8 +654,8 @@ def test_health_is_keyless_and_minimal_everything_else_is_keyed(ring, tiny_llama
     assert status["model"] == tiny_llama.name and status["status"] == "ok"
     assert status["error"] is None and status["live"] == 0 and status["waiting"] == 0
     layers = [s["layers"] for s in status["stages"]]
-    assert layers[0][0] == 0 and layers[-1][1] == 6 and len(layers) == 2
-    assert all(layers[i][1] == layers[i + 1][0] for i in range(len(layers) - 1))
+    assert layers[0][0] == 0 and layers[-1][1] == 5 and len(layers) == 2  # inclusive
+    assert all(layers[i][1] + 1 == layers[i + 1][0] for i in range(len(layers) - 1))
     text = httpx.get(f"{ring}/metrics", headers=AUTH, timeout=10).text
     assert 'mlxring_rank_step_seconds{layers="0-' in text and "mlxring_live_sequences" in text
     assert_serves_greedy(ring, tiny_llama.name, greedy)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
-from mlxring.model.tokenizer import encode_prompt
+from mlxring.model.tokenizer import encode_prompt, hidden_ids, load_tokenizer
 
 PROMPT = "Tell me about the ring"
 
@@ -47,7 +48,9 @@ def test_generate_greedy_equals_mlx_lm_generate_step(tiny_llama, raw):
     result = json.loads(out.stdout)
     assert result["tokens"][: len(want)] == want
     assert result["prompt_tokens"] == len(prompt)
-    assert result["text"] == tokenizer.decode(result["tokens"])
+    # as mlx-lm's server: end and special tokens add no text (mlxring.model.tokenizer)
+    hidden = hidden_ids(load_tokenizer(tiny_llama))
+    assert result["text"] == tokenizer.decode([t for t in result["tokens"] if t not in hidden])
 
 
 def test_generate_sampling_is_seeded(tiny_llama):
@@ -60,13 +63,22 @@ def test_generate_sampling_is_seeded(tiny_llama):
     assert run("1") != run("2")
 
 
-def test_generate_streams_text(tiny_llama):
+def test_generate_streams_text_then_the_summary_on_stderr(tiny_llama):
     out = mlxring("generate", "--model", str(tiny_llama), "--prompt", "hi", "--max-tokens", "8")
     plain = out.stdout.strip()
-    as_json = mlxring(
-        "generate", "--model", str(tiny_llama), "--prompt", "hi", "--max-tokens", "8", "--json"
-    )
-    assert plain == json.loads(as_json.stdout)["text"].strip()
+    args = ["--prompt", "hi", "--max-tokens", "8", "--json", "--log-level", "warning"]
+    as_json = mlxring("generate", "--model", str(tiny_llama), *args)
+    result = json.loads(as_json.stdout)
+    assert plain == result["text"].strip()
+    # as mlx_lm.generate prints it, on stderr: stdout keeps only the text
+    prompt, generated = result["prompt_tokens"], len(result["tokens"])
+    summary = out.stderr.splitlines()
+    assert summary[0] == "=" * 10 and len(summary) == 4, out.stderr
+    assert re.fullmatch(rf"Prompt: {prompt} tokens, [0-9.]+ tokens-per-sec", summary[1])
+    assert re.fullmatch(rf"Generation: {generated} tokens, [0-9.]+ tokens-per-sec", summary[2])
+    assert re.fullmatch(r"Peak memory: [0-9.]+ GB \(mlx\)", summary[3])
+    assert result["peak_memory_bytes"] > 0
+    assert as_json.stderr == ""  # --log-level warning: no summary
 
 
 @pytest.mark.parametrize(
@@ -95,7 +107,8 @@ def test_plan_table_and_json(tiny_llama, tmp_path):
     )
     out = json.loads(mlxring("plan", str(config), "--model", str(tiny_llama), "--json").stdout)
     assert out["num_layers"] == 6
-    assert [n["layers"] for n in out["nodes"]] == [[0, 3], [3, 5], [5, 6]]
+    assert [n["layers"] for n in out["nodes"]] == [[0, 2], [3, 4], [5, 5]]  # inclusive
+    assert [n["layers_text"] for n in out["nodes"]] == ["0-2", "3-4", "5-5"]
     assert [n["name"] for n in out["nodes"]] == ["a", "b", "c"]
     table = mlxring("plan", str(config), "--model", str(tiny_llama)).stdout
     assert "0-2 (3)" in table and "3-4 (2)" in table and "5-5 (1)" in table

@@ -54,10 +54,29 @@ BAD = [
     # top level
     ("- just\n- a list\n", "top level: expected a mapping with name, nodes, got a list"),
     ("", "top level: expected a mapping with name, nodes, got nothing"),
-    (f"nodes: [{A}]\n", "name: expected a name of letters, digits, '_', '.' or '-', got nothing"),
+    (
+        f"nodes: [{A}]\n",
+        "name: expected a name of letters, digits, '_', '.' or '-', starting with a letter, digit "
+        "or '_', got nothing",
+    ),
     (
         f"name: my ring\nnodes: [{A}]\n",
-        "name: expected a name of letters, digits, '_', '.' or '-', got 'my ring'",
+        "name: expected a name of letters, digits, '_', '.' or '-', starting with a letter, digit "
+        "or '_', got 'my ring'",
+    ),
+    (  # '-rf' would be taken for an option on the rank's command line (`--name -rf`)
+        "name: r\nnodes:\n  - {name: -rf, host: h, memory_gb: 8}\n",
+        "nodes[0].name: expected a name of letters, digits, '_', '.' or '-', starting with a "
+        "letter, digit or '_', got '-rf'",
+    ),
+    (  # a node's name is a directory of `mlxring split --out`
+        "name: r\nnodes:\n  - {name: .., host: h, memory_gb: 8}\n",
+        "nodes[0].name: expected a name of letters, digits, '_', '.' or '-', starting with a "
+        "letter, digit or '_', got '..'",
+    ),
+    (
+        "name: r\napi: {port: 70000}\nnodes:\n  - {name: a, host: h, memory_gb: 8}\n",
+        "api.port: expected an integer 1..65535, got 70000",
     ),
     (f"nmae: r\nnodes: [{A}]\n", "nmae: unknown field (did you mean 'name'?)"),
     ("name: r\n", "nodes: expected a non-empty list of nodes, got nothing"),

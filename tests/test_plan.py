@@ -198,8 +198,21 @@ def test_plan_to_json():
     assert plan.to_json() == {
         "num_layers": 4,
         "nodes": [
-            {"name": "a", "layers": [0, 2], "weight_bytes": 2 * MIB, "usable_bytes": GIB},
-            {"name": "b", "layers": [2, 4], "weight_bytes": 2 * MIB, "usable_bytes": GIB},
+            # inclusive, as configs and the plan table write them: a holds 0 and 1
+            {
+                "name": "a",
+                "layers": [0, 1],
+                "layers_text": "0-1",
+                "weight_bytes": 2 * MIB,
+                "usable_bytes": GIB,
+            },
+            {
+                "name": "b",
+                "layers": [2, 3],
+                "layers_text": "2-3",
+                "weight_bytes": 2 * MIB,
+                "usable_bytes": GIB,
+            },
         ],
     }
 
@@ -223,6 +236,16 @@ def test_plan_fit_error_names_only_short_nodes():
         make_plan(footprint(), nodes)
     assert str(err.value) == (
         "model does not fit: node 'mini' is short by 3.2 GB (needs 12.0 GB, has 8.8 GB usable); "
+        "add memory, lower reserve_gb, or add nodes"
+    )
+
+
+def test_plan_fit_error_of_a_small_model_is_in_mb_not_0_0_gb():
+    nodes = [node("a", 4 / 1024, (0, 2)), node("b", 1.5 / 1024, (2, 4))]
+    with pytest.raises(PlanError) as err:
+        make_plan(footprint(num_layers=4, layer_bytes=MIB, head_bytes=MIB), nodes)
+    assert str(err.value) == (
+        "model does not fit: node 'b' is short by 0.5 MB (needs 2.0 MB, has 1.5 MB usable); "
         "add memory, lower reserve_gb, or add nodes"
     )
 

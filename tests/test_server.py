@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,14 @@ from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 
 from mlxring.model import tokenizer as jobs
-from tests.ringutil import children, cmdline, free_port, launch_serving, stop_launcher
+from tests.ringutil import (
+    children,
+    cmdline,
+    free_port,
+    launch_serving,
+    stop_launcher,
+    wait_for_line,
+)
 
 KEY = "test-key"
 
@@ -254,6 +262,47 @@ def test_metrics_are_prometheus_text(server):
         "mlxring_inter_token_latency_seconds_bucket",
     ]:
         assert name in text
+
+
+def test_the_launcher_tells_each_node_loading_then_serving_once(server, tiny_llama):
+    proc, url = server
+    log = "".join(proc.lines)
+    assert "node 'head': loading layers 0-2 (" in log and "node 'tail': loading layers 3-5 (" in log
+    assert re.search(r"node 'head': loaded layers 0-2 in [0-9.]+ s", log), log
+    assert re.search(r"node 'tail': loaded layers 3-5 in [0-9.]+ s", log), log
+    serving = [line for line in proc.lines if "serving" in line]
+    assert serving == [
+        f"mlxring: serving {tiny_llama.name} at {url}/v1 (OpenAI API); Ctrl-C stops every rank\n"
+    ]
+    # announced only once the front answers there
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_every_request_is_logged_and_counted_by_status(server, tiny_llama):
+    proc, url = server
+
+    def responses(code: int) -> float:
+        text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+        found = re.search(rf'^mlxring_http_responses_total{{code="{code}"}} (\S+)$', text, re.M)
+        return float(found[1]) if found else 0.0
+
+    before = {code: responses(code) for code in (401, 404)}
+    httpx.get(f"{url}/v1/nowhere-{os.getpid()}", headers=AUTH, timeout=10)
+    httpx.get(f"{url}/v1/models", timeout=10)  # no key: 401
+    after = {code: responses(code) for code in (401, 404)}
+    assert {c: after[c] - before[c] for c in before} == {401: 1, 404: 1}
+    assert responses(200) >= 1  # the /metrics answers themselves
+    line = wait_for_line(proc, f"GET /v1/nowhere-{os.getpid()} 404 ")
+    assert line.startswith("head | ") and line.rstrip().endswith(" ms")
+    body = {"model": tiny_llama.name, "prompt": "hi", "max_tokens": 3, "temperature": 0}
+    seen = len(proc.lines)  # the lines of earlier requests: this one's comes after
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200
+    line = wait_for_line(proc, "POST /v1/completions 200 ", after=seen)
+    usage = r.json()["usage"]
+    assert (
+        f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens" in line
+    )
 
 
 def test_a_frozen_rank_makes_the_api_answer_503(server, tiny_llama):

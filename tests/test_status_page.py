@@ -54,7 +54,6 @@ def ring(tiny_llama, tmp_path_factory):
     )
     proc = launch_serving(config, tiny_llama)
     try:
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep it drained
         threading.Thread(target=proc.stdout.read, daemon=True).start()
         yield proc, f"http://127.0.0.1:{port}"
     finally:
@@ -135,7 +134,10 @@ def test_the_static_page_holds_no_node_name_and_no_key(ring):
     body = status(url).json()
     schemas.Status.model_validate(body)
     assert [n["name"] for n in body["nodes"]] == list(NAMES)
-    assert body["nodes"][0]["layers"][0] == 0 and body["nodes"][1]["layers"][1] == 6
+    assert body["nodes"][0]["layers"][0] == 0 and body["nodes"][1]["layers"][1] == 5  # inclusive
+    assert [n["layers_text"] for n in body["nodes"]] == [
+        f"{a}-{b}" for a, b in (n["layers"] for n in body["nodes"])
+    ]
 
 
 def test_the_page_asks_for_the_key_then_draws_the_ring(ring, browser):
@@ -149,7 +151,7 @@ def test_the_page_asks_for_the_key_then_draws_the_ring(ring, browser):
     browser.find_element("id", "key-input").send_keys(KEY)
     browser.find_element("id", "key-submit").click()
     wait(browser, lambda d: len(nodes_on_page(d)) == 2, what="both nodes")
-    want = [f"layers {a}-{b - 1}" for a, b in (n["layers"] for n in status(url).json()["nodes"])]
+    want = [f"layers {n['layers_text']}" for n in status(url).json()["nodes"]]
     assert nodes_on_page(browser) == [
         {"name": name, "state": "up", "layers": layers} for name, layers in zip(NAMES, want)
     ]
@@ -203,8 +205,7 @@ def test_mlxring_status_prints_the_table(ring, tiny_llama, capsys, monkeypatch):
     assert out.splitlines()[0].startswith(f"{tiny_llama.name}: serving · 2 nodes, 6 layers")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
     for name, node in zip(NAMES, status(url).json()["nodes"]):
-        a, b = node["layers"]
-        assert rows[name][:4] == [name, "localhost", "mlx/gpu", f"{a}-{b - 1}"]
+        assert rows[name][:4] == [name, "localhost", "mlx/gpu", node["layers_text"]]
         assert rows[name][-1] == "up"
     monkeypatch.setenv("MLXRING_API_KEY", KEY)
     assert cli.main(["status", f"{url}/v1/"]) == 0 and "serving" in capsys.readouterr().out

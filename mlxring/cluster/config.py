@@ -159,16 +159,23 @@ def parse_layers(value: object, path: str) -> tuple[int, int]:
         raise ConfigError(f"{path}: {problem}") from None
 
 
-_Name = Annotated[
-    str,
-    Field(strict=True, pattern=r"^[A-Za-z0-9_.-]+$"),
-    _expect("a name of letters, digits, '_', '.' or '-'"),
-]
+# a leading '-' would make a node's or cluster's name an option of the rank's command line,
+# and a name of dots a directory outside `mlxring split --out`
+_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+_NAME_RULE = "a name of letters, digits, '_', '.' or '-', starting with a letter, digit or '_'"
+_Name = Annotated[str, Field(strict=True, pattern=_NAME_PATTERN), _expect(_NAME_RULE)]
 # a leading '-' would reach ssh as an option (`-oProxyCommand=...` runs a command)
 _Host = Annotated[
     str, Field(strict=True, pattern=r"^[^\s-]\S*$"), _expect("a host name or IP address")
 ]
 _Text = Annotated[str, Field(strict=True, pattern=r"\S"), _expect("a non-empty string")]
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` if it is a valid node name, else a ConfigError naming `what` (an option)."""
+    if not re.fullmatch(_NAME_PATTERN, value):
+        raise ConfigError(f"{what}: expected {_NAME_RULE}, got {_show(value)}")
+    return value
 
 
 def _ssh_target(value: str) -> str:
@@ -270,6 +277,18 @@ class EngineConfig:
 
 
 BatchingConfig = EngineConfig
+
+
+def api_options(base: ApiConfig | None = None, **options: object) -> ApiConfig:
+    """`base` (by default the defaults) with command-line `options` (host=, port=); a bad
+    value is a ConfigError naming the option (`--host: expected a host name ...`)."""
+    try:
+        return dataclasses.replace(base or ApiConfig(), **options)
+    except ValidationError as err:
+        error = err.errors()[0]
+        problem = error.get("ctx", {}).get("error") or error["msg"]
+        flag = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "the API"
+        raise ConfigError(f"{flag}: {problem}") from None
 
 
 @dataclass(frozen=True, config=_SCHEMA, kw_only=True)

@@ -85,7 +85,7 @@ def resolve(
     if not os.path.isdir(model) and (cluster is None or cluster.head.is_local):
         raise UserError(f"model {model}: no such directory")
     if cluster is None:
-        cluster = local_ring(ranks or 1, model, compute)
+        cluster = local_ring(1 if ranks is None else ranks, model, compute)
     fp = footprint(model)
     if cluster.head.layers is None and 0 in fp.layer_bytes and any(fp.layer_bytes):
         raise UserError(

@@ -77,13 +77,14 @@ class Plan:
     assignments: tuple[Assignment, ...]
 
     def to_json(self) -> dict:
-        """A JSON-ready dict: the layer count and each node's range and bytes."""
+        """A JSON-ready dict: the layer count and each node's range (inclusive, as configs
+        and the plan table write it: [0, 2] and "0-2" for layers 0, 1 and 2) and bytes."""
         return {
             "num_layers": self.num_layers,
             "nodes": [
                 {
                     "name": a.name,
-                    "layers": [a.start, a.end],
+                    **layers_json(a.start, a.end),
                     "weight_bytes": a.weight_bytes,
                     "usable_bytes": a.usable_bytes,
                 }
@@ -157,14 +158,14 @@ def make_plan(footprint: ModelFootprint, nodes: Sequence[NodeBudget]) -> Plan:
     for node in nodes:
         if node.usable_bytes <= 0:
             raise PlanError(
-                f"node {node.name!r} has no usable memory ({_gb(node.memory_bytes)} GB with a "
-                f"{_gb(node.reserve_bytes)} GB reserve); add memory or lower its reserve_gb"
+                f"node {node.name!r} has no usable memory ({_size(node.memory_bytes)} with a "
+                f"{_size(node.reserve_bytes)} reserve); add memory or lower its reserve_gb"
             )
     head = nodes[0]
     if head.usable_bytes <= footprint.head_bytes:
         raise PlanError(
             f"head node {head.name!r} cannot even hold the embedding and lm_head: they need "
-            f"{_gb(footprint.head_bytes)} GB and it has {_gb(head.usable_bytes)} GB usable; "
+            f"{_size(footprint.head_bytes)} and it has {_size(head.usable_bytes)} usable; "
             "put a node with more memory first, or lower its reserve_gb"
         )
     ranges = _explicit_ranges(footprint.num_layers, nodes)
@@ -334,8 +335,8 @@ def _check_kv_pairs(
 
 def _check_fit(assignments: Sequence[Assignment]) -> None:
     short = [
-        f"node {a.name!r} is short by {_gb(a.weight_bytes - a.usable_bytes)} GB "
-        f"(needs {_gb(a.weight_bytes)} GB, has {_gb(a.usable_bytes)} GB usable)"
+        f"node {a.name!r} is short by {_size(a.weight_bytes - a.usable_bytes)} "
+        f"(needs {_size(a.weight_bytes)}, has {_size(a.usable_bytes)} usable)"
         for a in assignments
         if a.weight_bytes > a.usable_bytes
     ]
@@ -345,8 +346,17 @@ def _check_fit(assignments: Sequence[Assignment]) -> None:
         )
 
 
-def _gb(num_bytes: int) -> str:
-    return f"{num_bytes / GIB:.1f}"
+def _size(num_bytes: int) -> str:
+    """GB (of 2^30 bytes) to one decimal; MB below 0.1 GB, where GB would read "0.0 GB"."""
+    if abs(num_bytes) >= GIB // 10:
+        return f"{num_bytes / GIB:.1f} GB"
+    return f"{num_bytes / 2**20:.1f} MB"
+
+
+def layers_json(start: int, end: int) -> dict:
+    """Half-open [start, end) as JSON answers give it: inclusive, as configs and tables
+    write it ({"layers": [0, 2], "layers_text": "0-2"} for layers 0, 1 and 2)."""
+    return {"layers": [start, end - 1], "layers_text": f"{start}-{end - 1}"}
 
 
 def inclusive(start: int, end: int) -> str:

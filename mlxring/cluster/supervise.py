@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import re
 import shlex
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 from mlxring.cluster import protocol
+from mlxring.cluster.fit import human_bytes
 from mlxring.cluster.protocol import EXIT_AUTH, EXIT_PEER_LOST, EXIT_USER_ERROR
 from mlxring.cluster.ranks import RankSpec, ssh_argv
 from mlxring.errors import UserError
@@ -90,6 +92,7 @@ class Rank:
         self.ready = False
         self.remote_pid: int | None = None
         self.error: str | None = None
+        self.layers = ""  # the range it said it loads, as users write it ("0-2")
         self.last_line = ""
         self.threads: list[threading.Thread] = []
 
@@ -140,6 +143,12 @@ class Supervisor:
         with self.lock:
             print(f"mlxring: {message}", file=sys.stderr, flush=True)
 
+    def info(self, message: str, prefix: str = "mlxring: ") -> None:
+        """A line that --log-level warning (or error) leaves out: progress, notes."""
+        if logging.getLogger("mlxring").isEnabledFor(logging.INFO):
+            with self.lock:
+                print(f"{prefix}{message}", file=sys.stderr, flush=True)
+
     def _relay_lines(self, rank: Rank, stream, out, control: bool) -> None:
         prefix = f"{rank.name:>{self.width}} | "
         for raw in iter(stream.readline, b""):
@@ -162,11 +171,25 @@ class Supervisor:
             rank.error = rest
         elif word == protocol.SERVING:
             url, _, model = rest.partition(" ")
-            if self.respec is None:
-                self.log(f"serving {model} at {url} (OpenAI API); Ctrl-C stops every rank")
-            self.state.up(url)
+            if self.state.announce is None:  # a head serving its own port (remote): its URL
+                self.state.announce = lambda url: self.log(
+                    f"serving {model} at {url} (OpenAI API); Ctrl-C stops every rank"
+                )
+            self.state.up(url)  # announced once, when first up (the front names its own URL)
         elif word == protocol.PROGRESS and self.progress:
             self._show_progress(*map(int, rest.split()))
+        elif word == protocol.LOADING:
+            self._loading(rank, rest)
+        elif word == protocol.LOADED:
+            self.info(f"node {rank.name!r}: loaded layers {rank.layers} in {rest} s")
+        elif word == protocol.NOTE:
+            self.info(rest, prefix="")
+
+    def _loading(self, rank: Rank, rest: str) -> None:
+        start, end, nbytes = (int(x) for x in rest.split())
+        rank.layers = f"{start}-{end - 1}"
+        size = f" ({human_bytes(nbytes)})" if nbytes else ""
+        self.info(f"node {rank.name!r}: loading layers {rank.layers}{size}")
 
     def _show_progress(self, done: int, total: int) -> None:
         with self.lock:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mlxring.cluster.config import EngineConfig
 from mlxring.cluster.launch import launch_job
+from mlxring.commands.checks import check_ranks
 from mlxring.commands.generate import add_compute_args, compute_options
 from mlxring.errors import UserError
 from mlxring.model.source import resolve_model
@@ -22,15 +23,17 @@ COMPARE_RANKS = 2
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--ranks", type=int, help="a local ring of N processes")
     where.add_argument("--config", help="the cluster this file defines")
     parser.add_argument(
         "--concurrency", default="8", help="requests at once; --compare: a list, e.g. 1,8"
     )
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=32, help="random prompt tokens of each request"
+    )
+    parser.add_argument("--gen-tokens", type=int, default=32, help="tokens each request generates")
     parser.add_argument(
         "--mode",
         choices=MODES,
@@ -62,6 +65,7 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if min(args.prompt_tokens, args.gen_tokens, args.token_budget) < 1:
         raise UserError("--prompt-tokens, --gen-tokens and --token-budget must be >= 1")
+    check_ranks(args.ranks)
     if args.compare is not None:
         return compare(args)
     if args.plot:

@@ -3,30 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from mlxring.cluster.config import DTYPES, EngineConfig
 from mlxring.cluster.launch import launch_job
+from mlxring.commands.checks import add_log_level, check_context, check_ranks, check_sampling
 from mlxring.errors import UserError
+from mlxring.server.access import info_enabled
 
 DEFAULTS = EngineConfig()
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model directory (HF or mlx-community)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens)
-    parser.add_argument("--temp", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--prefill-chunk", type=int, default=DEFAULTS.prefill_chunk)
+    parser.add_argument(
+        "--model",
+        help="model directory (Hugging Face or mlx-community layout); with --config, "
+        "default: the config's model",
+    )
+    parser.add_argument("--prompt", required=True, help="the prompt (a user message)")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULTS.max_tokens,
+        help="tokens to generate at most (the prompt and these fit the model's context)",
+    )
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 keeps every token"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="sampling seed in [0, 2**64) (default: random)"
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULTS.prefill_chunk,
+        help="prompt tokens per prefill step",
+    )
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     add_compute_args(parser)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--ranks", type=int, help="run a local ring of N processes (even split)")
     where.add_argument("--config", help="run on the cluster this file defines")
+    add_log_level(parser, "each node's loading progress, the speed and memory summary")
 
 
 def add_compute_args(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +86,10 @@ def job_options(args: argparse.Namespace, engine: EngineConfig) -> dict:
 def main(args: argparse.Namespace) -> int:
     if args.max_tokens < 1 or args.prefill_chunk < 1:
         raise UserError("--max-tokens and --prefill-chunk must be >= 1")
+    check_sampling(args.temp, args.top_p, args.seed)
+    check_ranks(args.ranks)
     compute = compute_options(args)
+    check_context(args.model, args.max_tokens)  # a local directory; the head checks the rest
     # one request: the KV budget is whatever it needs (its prompt is counted on top)
     budget = DEFAULTS.max_kv_tokens + args.max_tokens
     engine_config = EngineConfig(
@@ -88,7 +113,13 @@ def main(args: argparse.Namespace) -> int:
     shard = load_shard(args.model, 0, layers, is_head=True, **(compute or {}))
     engine = Engine(shard, None, load_tokenizer(args.model), engine_config)
     try:
-        generate(engine, args.model, opts)
+        generate(engine, args.model, opts, note=print_note)
     finally:
         engine.close()
     return 0
+
+
+def print_note(line: str) -> None:
+    """The job's lines for the user (the speed and memory after the text), on stderr."""
+    if info_enabled():
+        print(line, file=sys.stderr, flush=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from mlxring.crypto.keys import DEFAULT_KEY_FILE, new_key, write_key
+from mlxring.errors import UserError
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +22,10 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    out = str(args.out)
+    if out.endswith(("/", os.sep)) and not os.path.isdir(out):  # a directory meant: no file
+        name = os.path.join(out, "cluster.key")
+        raise UserError(f"--out {out} names a directory; pass a file path (e.g. {name})")
     path = write_key(args.out, new_key(), force=args.force)
     print(
         f"wrote a new cluster key to {path} (mode 0600); copy it to every node of the "

@@ -8,12 +8,13 @@ import os
 import sys
 from dataclasses import asdict, replace
 
-from mlxring.cluster.config import ClusterConfig
+from mlxring.cluster.config import ClusterConfig, api_options
 from mlxring.cluster.fit import api_warning, plan_table
 from mlxring.cluster.gather import config_workers
 from mlxring.cluster.launch import resolve
 from mlxring.cluster.protocol import API_KEYS_ENV
 from mlxring.cluster.ranks import rank_specs
+from mlxring.commands.checks import add_log_level, check_port
 from mlxring.server.front import serve_cluster
 
 
@@ -41,6 +42,7 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
         "node (a remote node with memory_gb: auto cannot be planned then: its memory is "
         "asked over ssh at launch; set memory_gb to see the plan); API keys are not shown",
     )
+    add_log_level(parser, "each node's loading progress, one line per API request")
 
 
 def serve_options(cluster: ClusterConfig, model: str, args: argparse.Namespace) -> dict:
@@ -56,14 +58,16 @@ def serve_options(cluster: ClusterConfig, model: str, args: argparse.Namespace) 
         "port": args.port or cluster.api.port,
         "model_name": os.path.basename(os.path.normpath(model)),
         "engine": asdict(engine),
+        "log_level": getattr(args, "log_level", "info"),  # the head's request log
     }
 
 
 def main(args: argparse.Namespace) -> int:
+    check_port(args.port)
     # a dry run contacts no node: `auto` memory of a remote node is only asked at launch
     cluster, model, plan = resolve(args.config, None, args.model, contact_nodes=not args.dry_run)
     if args.host:
-        cluster = replace(cluster, api=replace(cluster.api, host=args.host))
+        cluster = replace(cluster, api=api_options(cluster.api, host=args.host))
     if warning := api_warning(cluster, os.environ.get(API_KEYS_ENV)):
         print(f"mlxring: warning: {warning}", file=sys.stderr)
     opts = serve_options(cluster, model, args)

@@ -9,15 +9,19 @@ from mlxring.tiny import FAMILIES, LAYOUTS
 
 
 def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", choices=list(FAMILIES), default="llama")
+    parser.add_argument(
+        "--family", choices=list(FAMILIES), default="llama", help="the model architecture"
+    )
     layouts = sorted({lay for options in LAYOUTS.values() for lay in options})
     parser.add_argument("--layout", choices=layouts, help="checkpoint layout (gpt_oss)")
     parser.add_argument("--out", required=True, help="directory to write (created)")
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=6, help="transformer layers")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size")
-    parser.add_argument("--intermediate", type=int, default=None, help="MLP size (2 x hidden)")
+    parser.add_argument(
+        "--intermediate", type=int, default=None, help="MLP size (default: 2 x hidden)"
+    )
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from mlxring.cluster.config import ApiConfig, NodeConfig
+from mlxring.cluster.config import NodeConfig, api_options, check_name
 from mlxring.cluster.fit import api_warning, plan_table
 from mlxring.cluster.gather import (
     WorkerRing,
@@ -19,6 +19,7 @@ from mlxring.cluster.gather import (
     zeroconf_cluster,
 )
 from mlxring.cluster.protocol import API_KEYS_ENV
+from mlxring.commands.checks import add_log_level, check_port
 from mlxring.commands.generate import add_compute_args, compute_options
 from mlxring.commands.launch import serve_options
 from mlxring.commands.worker import add_key_arg, cluster_key
@@ -59,20 +60,23 @@ def setup_arg_parser(parser: argparse.ArgumentParser) -> None:
         "--step-timeout", type=float, help="seconds without an answer before a restart (60)"
     )
     add_compute_args(parser)
+    add_log_level(parser, "each node's loading progress, one line per API request")
 
 
 def main(args: argparse.Namespace) -> int:
     key = cluster_key(args)
     if args.min_workers < 0 or args.discovery_timeout <= 0:
         raise UserError("--min-workers must be >= 0 and --discovery-timeout > 0")
+    check_port(args.port)
+    name = check_name(args.name, "--name") if args.name else default_name()
     model = resolve_model(args.model)
     compute = compute_options(args) or {}
-    api = ApiConfig(host=args.host, port=args.port)
+    api = api_options(host=args.host, port=args.port)
     links = gather(key, args.min_workers, args.discovery_timeout, args.interface)
     hooks = WorkerRing(links, key)
     try:
         head = NodeConfig(
-            name=args.name or default_name(),
+            name=name,
             host=head_address(links, args.interface),
             memory_gb="auto",
             **compute,

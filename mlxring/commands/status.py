@@ -87,7 +87,7 @@ def status_table(status: dict) -> str:
     """A few lines: the ring's state, throughput and latency, a row per node, recent events."""
     ring, t, nodes = status.get("ring"), status["throughput"], status["nodes"]
     state = "serving" if status["status"] == "ok" else f"DOWN: {status['error']}"
-    layers = nodes[-1]["layers"][1] if nodes and nodes[-1]["layers"] else "?"
+    layers = nodes[-1]["layers"][1] + 1 if nodes and nodes[-1]["layers"] else "?"
     head = [f"{status['model']}: {state}", f"{len(nodes)} nodes, {layers} layers"]
     if ring:
         failures = ", ".join(f"{n} {k}" for n, k in ring["failures"].items())
@@ -101,7 +101,7 @@ def status_table(status: dict) -> str:
     )
     rows = [("node", "host", "backend", "layers", "weights", "KV", "memory", "step", "state")]
     for n in nodes:
-        layer = f"{n['layers'][0]}-{n['layers'][1] - 1}" if n["layers"] else "-"
+        layer = f"{n['layers'][0]}-{n['layers'][1]}" if n["layers"] else "-"  # inclusive
         backend = "/".join(x for x in (n["backend"], n["device"]) if x) or "-"
         rows.append(
             (

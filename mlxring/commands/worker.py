@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 
+from mlxring.cluster.config import check_name
 from mlxring.cluster.fit import local_memory_bytes
 from mlxring.cluster.gather import cache_home, default_name
 from mlxring.cluster.worker import RING_PORTS, Worker, detect_compute
@@ -68,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
     key = cluster_key(args)
     if not 1 <= args.port <= 65535 - RING_PORTS:
         raise UserError(f"--port must be between 1 and {65535 - RING_PORTS}")
+    name = check_name(args.name, "--name") if args.name else default_name()
     backend, device = detect_compute()
     backend = args.backend or backend
     if args.device:
@@ -79,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--device {device} does not go with --backend {backend}: {valid}")
     memory = int(args.memory_gb * 2**30) if args.memory_gb else local_memory_bytes()
     worker = Worker(
-        name=args.name or default_name(),
+        name=name,
         key=key,
         port=args.port,
         cache_dir=args.cache_dir or f"{cache_home()}/worker",

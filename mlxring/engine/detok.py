@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mlxring.model.tokenizer import hidden_ids
+
 
 class Detok:
     """Streaming text of one sequence, holding back what may start a stop string.
@@ -10,11 +12,13 @@ class Detok:
     by the text so far: a new match ends in the new text, so it is searched for in the
     last `longest` characters and the new text only; the held-back end (shorter than the
     longest stop) is looked for only where the last one began (`held`). Several stops
-    found at once: the earliest in the text wins.
+    found at once: the earliest in the text wins. End and special tokens add no text
+    (`mlxring.model.tokenizer.hidden_ids`).
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.detok = tokenizer.detokenizer
+        self.hidden = hidden_ids(tokenizer)
         self.stop = tuple(s for s in stop if s)  # an empty stop string stops nothing
         self.longest = max((len(s) for s in self.stop), default=0)
         self.sent = 0  # text emitted so far; what follows is held back
@@ -22,7 +26,7 @@ class Detok:
 
     def add(self, token: int | None, final: bool) -> tuple[str, bool]:
         """(new text to emit, whether a stop string ended the sequence)."""
-        if token is not None:
+        if token is not None and token not in self.hidden:
             self.detok.add_token(token)
         if final:
             self.detok.finalize()

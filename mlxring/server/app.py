@@ -27,6 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mlxring.engine.engine import Engine
 from mlxring.engine.handle import EngineBusy, RequestTooLarge, RingDown
 from mlxring.engine.request import SamplingParams
+from mlxring.server.access import AccessLog
+from mlxring.server.choices import Choice
 from mlxring.server.errors import (
     HANDLED,
     INVALID,
@@ -47,7 +49,9 @@ from mlxring.server.schemas import (
     Health,
     ModelList,
     Status,
+    bias_of,
     request_models,
+    template_message,
 )
 from mlxring.server.status import PAGE, PAGE_HEADERS, Recent, head_status, page_file
 
@@ -106,6 +110,7 @@ def create_app(
         hosts=(*LOOPBACK, host, *allowed_hosts),
         count=count,
     )
+    app.add_middleware(AccessLog, responses=metrics.responses, usage_paths=tuple(ENDPOINTS))
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -120,25 +125,32 @@ def create_app(
     async def off_loop(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(tokenize, fn, *args)
 
-    def submit(prompt: list[int], body, max_tokens: int | None):
+    def submit(prompt: list[int], body, max_tokens: int | None, chat: bool) -> list:
+        """One handle per choice (all or none: a refused choice cancels the others)."""
         if len(prompt) + (max_tokens or 0) > context_length or len(prompt) >= context_length:
             message = (
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens or 0}) "
                 f"exceeds the context length ({context_length})"
             )
-            raise ApiError(400, message, INVALID, "context_length_exceeded", "messages")
+            param = "messages" if chat else "prompt"
+            raise ApiError(400, message, INVALID, "context_length_exceeded", param)
         if engine.error is not None:
             raise ring_down(engine.failure)
         temperature, top_p = body.sampling
-        params = SamplingParams(
-            max_tokens=max_tokens or min(engine.config.max_tokens, context_length - len(prompt)),
-            temperature=temperature,
-            top_p=top_p,
-            seed=body.seed,
-            stop=body.stops,
-        )
+        handles = []
         try:
-            handle = engine.submit(prompt, params, loop=asyncio.get_running_loop())
+            for i in range(body.choices):
+                params = SamplingParams(
+                    max_tokens=max_tokens
+                    or min(engine.config.max_tokens, context_length - len(prompt)),
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=body.seed_of(i),
+                    stop=body.stops,
+                    logprobs=body.top_count,
+                    logit_bias=bias_of(body) or None,
+                )
+                handles.append(engine.submit(prompt, params, loop=asyncio.get_running_loop()))
         except EngineBusy as e:
             raise ApiError(
                 429,
@@ -151,8 +163,12 @@ def create_app(
             raise ApiError(400, str(e), INVALID, "kv_budget_exceeded", "max_tokens") from e
         except RingDown as e:
             raise ring_down(engine.failure) from e
+        finally:
+            if len(handles) < body.choices:  # refused: the choices already in go too
+                for handle in handles:
+                    handle.cancel()
         metrics.prompt_tokens.inc(len(prompt))
-        return handle
+        return handles
 
     async def events(handle, request: Request):
         """The request's events; cancels it if the client goes away."""
@@ -193,50 +209,70 @@ def create_app(
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
+    async def merged(handles: list, request: Request):
+        """(choice index, event) of every choice, as they come."""
+        if len(handles) == 1:
+            async for event in events(handles[0], request):
+                yield 0, event
+            return
+        out: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, handle) -> None:
+            try:
+                async for event in events(handle, request):
+                    await out.put((i, event, None))
+            except Exception as e:  # the ring went down: raised where the consumer is
+                await out.put((i, None, e))
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+        try:
+            done = 0
+            while done < len(handles):
+                i, event, error = await out.get()
+                if error is not None:
+                    raise error
+                done += event.finish_reason is not None
+                yield i, event
+        finally:
+            for task in tasks:
+                task.cancel()
+            for handle in handles:
+                if not handle.seq.finished:
+                    handle.cancel()
+
     async def respond(request: Request, body, prompt: list[int], max_tokens, chat: bool):
-        handle = submit(prompt, body, max_tokens)
+        handles = submit(prompt, body, max_tokens, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         endpoint = "chat" if chat else "completions"
-
-        def choice(text: str, reason: str | None, delta: bool) -> dict:
-            if not chat:
-                return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-            content = {"role": "assistant", "content": text}
-            return {"index": 0, "finish_reason": reason, ("delta" if delta else "message"): content}
-
-        def finish(reason: str) -> str:
-            return {"cancelled": "stop", "error": "stop"}.get(reason, reason)
+        tools = body.template_tools()
+        choices = [Choice(i, tokenizer, chat, tools, body.top_count) for i in range(len(handles))]
 
         if not body.stream:
-            texts, count, reason = [], 0, "stop"
-            async for event in events(handle, request):
-                texts.append(event.text)
-                count += event.token is not None
-                reason = event.finish_reason or reason
-            metrics.requests.labels(endpoint, "cancelled" if reason == "cancelled" else "200").inc()
+            cancelled = False
+            async for i, event in merged(handles, request):
+                choices[i].add(event)
+                cancelled |= event.finish_reason == "cancelled"
+            metrics.requests.labels(endpoint, "cancelled" if cancelled else "200").inc()
             return {
                 "id": rid,
                 "object": kind,
                 "created": created,
                 "model": model_name,
-                "choices": [choice("".join(texts), finish(reason), False)],
-                "usage": usage(len(prompt), count),
+                "choices": [c.whole() for c in choices],
+                "usage": usage(len(prompt), sum(c.tokens for c in choices)),
             }
 
         async def stream():
-            count = 0
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
             base = {"id": rid, "object": chunk_kind, "created": created, "model": model_name}
             try:
-                async for event in events(handle, request):
-                    count += event.token is not None
-                    reason = finish(event.finish_reason) if event.finish_reason else None
-                    if event.text or reason:
-                        data = {**base, "choices": [choice(event.text, reason, True)]}
-                        yield f"data: {json.dumps(data)}\n\n"
+                async for i, event in merged(handles, request):
+                    if (part := choices[i].delta(*choices[i].add(event))) is not None:
+                        yield f"data: {json.dumps({**base, 'choices': [part]})}\n\n"
                 if body.include_usage:
+                    count = sum(c.tokens for c in choices)
                     data = {**base, "choices": [], "usage": usage(len(prompt), count)}
                     yield f"data: {json.dumps(data)}\n\n"
                 yield "data: [DONE]\n\n"
@@ -266,11 +302,24 @@ def create_app(
     )
     async def chat_completions(request: Request, body: ChatRequest):
         check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        tools = body.template_tools()
+        if tools and not getattr(tokenizer, "has_tool_calling", False):
+            raise ApiError(
+                400,
+                f"the model {model_name!r} has no tool-call format (its chat template does "
+                "not render tools): send the request without tools",
+                INVALID,
+                "tools_unsupported",
+                "tools",
+            )
+        messages = [template_message(m) for m in body.messages]
 
         def render() -> list[int]:
             try:
-                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+                rendered = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, **({"tools": tools} if tools else {})
+                )
+                return list(rendered)
             except TemplateError as e:  # the template's own complaint, for the client
                 raise ApiError(
                     400, f"the chat template rejects the messages: {e}", INVALID, None, "messages"

@@ -21,6 +21,7 @@ import json
 import socket
 import sys
 import threading
+import time
 from typing import Protocol
 
 import httpx
@@ -240,6 +241,12 @@ def serve_ring(
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    # "serving at URL" (announce) only once the front answers there, never before
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    if not server.started:
+        sock.close()
+        raise UserError(f"cannot serve the API on {host}:{port} (see the error above)")
     try:
         return supervisor.run()
     finally:

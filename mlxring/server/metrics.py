@@ -15,6 +15,10 @@ class Metrics:
         self.errors = Counter(
             "mlxring_error_responses", "Error responses (4xx, 5xx)", ["status"], registry=r
         )
+        # every answer, whatever the route (access.AccessLog); 499: the client left first
+        self.responses = Counter(
+            "mlxring_http_responses", "HTTP responses by status code", ["code"], registry=r
+        )
         self.prompt_tokens = Counter("mlxring_prompt_tokens", "Prompt tokens", registry=r)
         self.generated_tokens = Counter("mlxring_generated_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram(

@@ -2,9 +2,12 @@
 
 Requests: unknown extra fields are ignored; everything we read is checked here, so a
 bad value is a 400 before anything is queued: token ids inside the vocabulary (the
-models are built per app by `request_models(vocab_size)`), a seed in [0, 2^64), `n` = 1,
-text-only content parts, at most 4 stop strings of at most 256 characters, and no lone
-surrogate in any string we use. Responses: what /openapi.json promises.
+models are built per app by `request_models(vocab_size)`: prompts and `logit_bias`), a
+seed in [0, 2^64), `n` in [1, 16], `top_logprobs` in [0, 20] (with `logprobs`),
+`tool_choice` "auto" or "none", text-only content parts, at most 4 stop strings of at
+most 256 characters, and no lone surrogate in any string we use. docs/clustering.md
+has the table of every field: served, refused with a 400, or ignored on purpose.
+Responses: what /openapi.json promises.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, fi
 from pydantic_core import PydanticCustomError
 
 MAX_STOPS = 4  # as OpenAI
+MAX_CHOICES = 16  # n: each choice is one more sequence in the batch
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its completions API: 5)
+MAX_BIAS = 100  # logit_bias values, as OpenAI
 MAX_STOP_CHARS = 256
 SEED_LIMIT = 2**64
 
@@ -55,9 +61,43 @@ class _Body(BaseModel):
         description=f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
     )
     seed: Seed | None = None
-    n: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
+    n: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CHOICES,
+        description=f"choices, each an independent sequence (at most {MAX_CHOICES}); "
+        "with a seed, choice i samples with seed + i",
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        description=f"token id -> bias in [-{MAX_BIAS}, {MAX_BIAS}] added to its logit",
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(default=None, description="0 only")
+    presence_penalty: float | None = Field(default=None, description="0 only")
+    response_format: Any = Field(default=None, description='{"type": "text"} only')
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v:
+            raise PydanticCustomError(
+                "penalty_unsupported",
+                "penalties are not applied by this server: send 0 or leave them out",
+            )
+        return v
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if v is None or v == {"type": "text"}:
+            return v
+        raise PydanticCustomError(
+            "response_format_unsupported",
+            'only response_format {"type": "text"} is served: JSON output needs '
+            "constrained decoding, which this server does not do",
+        )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -85,12 +125,18 @@ class _Body(BaseModel):
 
     @field_validator("n", mode="before")
     @classmethod
-    def _one_choice(cls, v: Any) -> Any:
-        if v is not None and v != 1 or isinstance(v, bool):
-            raise PydanticCustomError(
-                "n_unsupported", "only n=1 is supported: one choice per request"
-            )
+    def _whole_n(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v is not None and not isinstance(v, int):
+            raise PydanticCustomError("n_type", "n must be a whole number of choices")
         return v
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def seed_of(self, choice: int) -> int | None:
+        """Choice i's seed: the request's plus i (choices differ, and repeat)."""
+        return None if self.seed is None else (self.seed + choice) % SEED_LIMIT
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -155,19 +201,130 @@ class Message(BaseModel):
         return self.content or ""
 
 
+def template_message(m: Message) -> dict:
+    """A message as chat templates take it: its text, and a turn's tool calls, tool call id
+    and name where it has them."""
+    out = {"role": m.role, "content": m.text()}
+    for key in ("tool_calls", "tool_call_id", "name"):
+        if (value := getattr(m, key, None)) is not None:
+            out[key] = value
+    return out
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: Text
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatRequest(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Tool] | None = Field(
+        default=None, description="functions the model may call (its chat template must take them)"
+    )
+    tool_choice: Any = Field(default=None, description='"auto" (the default) or "none"')
+    logprobs: bool | None = Field(default=None, description="each token's log probability")
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description=f"with logprobs: the {MAX_TOP_LOGPROBS} most likely tokens at most, per token",
+    )
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _auto_or_none(cls, v: Any) -> Any:
+        if v is None or v in ("auto", "none"):
+            return v
+        raise PydanticCustomError(
+            "tool_choice_unsupported",
+            'tool_choice must be "auto" or "none": forcing a call ("required" or a named '
+            "function) needs constrained decoding, which this server does not do",
+        )
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, v: int | None, info) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("top_logprobs", "top_logprobs needs logprobs: true")
+        return v
+
+    @property
+    def top_count(self) -> int | None:
+        """None: no logprobs; else how many top alternatives each token reports."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template takes them (none with tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+def _bias_checker(vocab_size: int):
+    def check(v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, dict):
+            raise PydanticCustomError("logit_bias", "logit_bias maps token ids to biases")
+        for key, bias in v.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) < vocab_size):
+                raise PydanticCustomError(
+                    "logit_bias",
+                    "logit_bias key '{key}' is not a token id in [0, {vocab})",
+                    {"key": key, "vocab": vocab_size},
+                )
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise PydanticCustomError("logit_bias", "logit_bias values must be numbers")
+            if not -MAX_BIAS <= bias <= MAX_BIAS:
+                raise PydanticCustomError(
+                    "logit_bias",
+                    "logit_bias values are in [-{most}, {most}], got {got}",
+                    {"most": MAX_BIAS, "got": bias},
+                )
+        return v
+
+    return check
+
+
+def bias_of(body: _Body) -> dict[int, float]:
+    """The request's logit_bias as {token id: bias}."""
+    return {int(k): float(v) for k, v in (body.logit_bias or {}).items()}
 
 
 def request_models(vocab_size: int) -> tuple[type[ChatRequest], type[_Body]]:
     """The request bodies of one model: token ids are checked against its vocabulary."""
     token = Annotated[StrictInt, Field(ge=0, lt=vocab_size)]
+    bias_check = _bias_checker(vocab_size)
+
+    class VocabChatRequest(ChatRequest):
+        _bias = field_validator("logit_bias", mode="before")(lambda cls, v: bias_check(v))
 
     class CompletionRequest(_Body):
         prompt: Text | list[token] = Field(  # type: ignore[valid-type]
             description=f"a text, or token ids in [0, {vocab_size})"
         )
+        logprobs: int | None = Field(
+            default=None, ge=0, le=5, description="the most likely tokens to report (0-5)"
+        )
+        _bias = field_validator("logit_bias", mode="before")(lambda cls, v: bias_check(v))
+
+        @property
+        def top_count(self) -> int | None:
+            return self.logprobs
+
+        def template_tools(self) -> None:
+            return None
 
         @field_validator("prompt", mode="before")
         @classmethod
@@ -189,7 +346,8 @@ def request_models(vocab_size: int) -> tuple[type[ChatRequest], type[_Body]]:
                     )
             return v
 
-    return ChatRequest, CompletionRequest
+    VocabChatRequest.__name__ = "ChatRequest"
+    return VocabChatRequest, CompletionRequest
 
 
 # Responses ---------------------------------------------------------------------------
@@ -214,18 +372,64 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-Finish = Literal["stop", "length"]
+Finish = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="a JSON object, as text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCall):
+    index: int
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ContentLogprob(TokenLogprob):
+    top_logprobs: list[TokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ContentLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    """The completions API's (legacy) shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
+    content: str | None = Field(description="null when the reply is tool calls only")
+    tool_calls: list[ToolCall] | None = None
+
+
+class AssistantDelta(BaseModel):
+    role: Literal["assistant"]
     content: str
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Finish
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -239,8 +443,9 @@ class ChatCompletion(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: AssistantMessage
+    delta: AssistantDelta
     finish_reason: Finish | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -258,7 +463,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Finish | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -300,7 +505,7 @@ class Health(BaseModel):
 class StageStatus(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    layers: list[int]
+    layers: list[int] = Field(description="its layers, inclusive: [first, last]")
     sequences: list[int]
     cache_bytes: int
     step_ms: float
@@ -314,7 +519,10 @@ class NodeStatus(BaseModel):
     host: str | None = Field(description="its address in the cluster config")
     backend: str | None = Field(description="mlx or torch")
     device: str | None = Field(description="gpu, cpu or cuda")
-    layers: list[int] | None = Field(description="its half-open layer range [start, end)")
+    layers: list[int] | None = Field(
+        description="its layers, inclusive: [first, last] ([0, 2] holds 0, 1 and 2)"
+    )
+    layers_text: str | None = Field(description='the same as written in configs: "0-2"')
     weight_bytes: int | None = Field(description="the plan's weight bytes (the head's tensors too)")
     memory_bytes: int | None = Field(description="its usable memory (memory_gb - reserve_gb)")
     cache_bytes: int | None = Field(description="KV cache bytes now (null while down)")

@@ -13,6 +13,7 @@ from mlxring.cluster.protocol import API_KEYS_ENV, SERVING, control
 from mlxring.engine.engine import Engine
 from mlxring.model.facts import ModelFacts
 from mlxring.ring.transport import PeerLost
+from mlxring.server.access import configure_logging
 from mlxring.server.app import create_app
 
 FAILED_GRACE = 1.0  # seconds between a ring failure and the end of the job
@@ -31,6 +32,7 @@ def serve(engine: Engine, model_dir: str, opts: dict) -> None:
     failure ends the job once in-flight requests have their error, so that the
     launcher starts a new ring; the head then exits as having lost a peer.
     """
+    configure_logging(opts.get("log_level", "info"))  # the request log (server.access)
     name = opts.get("model_name") or Path(model_dir).name
     facts = ModelFacts.read(model_dir)
     host, port = opts.get("host", "127.0.0.1"), int(opts.get("port", 8000))

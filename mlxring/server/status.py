@@ -18,7 +18,7 @@ from collections.abc import Callable
 from importlib import resources
 
 from mlxring.cluster.config import ClusterConfig
-from mlxring.cluster.plan import Plan
+from mlxring.cluster.plan import Plan, layers_json
 from mlxring.cluster.supervise import RingState
 
 HISTORY_S = 300  # seconds of tokens/s history
@@ -50,14 +50,14 @@ def page_file(path: str) -> tuple[bytes, str]:
 
 def node_facts(cluster: ClusterConfig, plan: Plan) -> list[dict]:
     """What the launcher knows of each node, in ring order (JSON-ready: it travels to the
-    head in its job options)."""
+    head in its job options; layers inclusive, as everywhere in the status)."""
     return [
         {
             "name": a.name,
             "host": node.host,
             "backend": node.backend,
             "device": node.device,
-            "layers": [a.start, a.end],
+            **layers_json(a.start, a.end),
             "weight_bytes": a.weight_bytes,
             "memory_bytes": a.usable_bytes,
         }
@@ -140,13 +140,15 @@ class Recent:
 
 def _node(i: int, fact: dict | None, stage: dict | None, state: str) -> dict:
     fact = fact or {}
+    layers = stage["layers"] if stage else fact.get("layers")  # inclusive [first, last]
     return {
         "name": fact.get("name", f"rank {i}"),
         "rank": i,
         "host": fact.get("host"),
         "backend": fact.get("backend"),
         "device": fact.get("device"),
-        "layers": stage["layers"] if stage else fact.get("layers"),
+        "layers": layers,
+        "layers_text": f"{layers[0]}-{layers[1]}" if layers else None,
         "weight_bytes": fact.get("weight_bytes"),
         "memory_bytes": fact.get("memory_bytes"),
         "cache_bytes": stage["cache_bytes"] if stage else None,
@@ -160,8 +162,9 @@ def head_status(
     model: str, snapshot: dict, failure: str | None, facts: list[dict], recent: Recent
 ) -> dict:
     """The head's answer: the engine's `snapshot` (stages, live, waiting), the nodes (the
-    launcher's `facts` joined with the stages by ring position) and `recent` throughput."""
-    stages = snapshot["stages"]
+    launcher's `facts` joined with the stages by ring position) and `recent` throughput.
+    The engine's half-open layer ranges become inclusive here, as the facts' are."""
+    stages = [{**s, **layers_json(*s["layers"])} for s in snapshot["stages"]]
     state = "up" if failure is None else "down"
     pairs = itertools.zip_longest(facts, stages)
     nodes = [_node(i, fact, stage, state) for i, (fact, stage) in enumerate(pairs)]
@@ -170,6 +173,7 @@ def head_status(
         "status": "ok" if failure is None else "down",
         "error": failure,
         **snapshot,
+        "stages": stages,
         "nodes": nodes,
         "throughput": recent.throughput([s["step_ms"] for s in stages]),
         "history": recent.timeline.history(),

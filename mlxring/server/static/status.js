@@ -85,7 +85,7 @@ function bytes(n) {
   return `${n} B`;
 }
 const ms = (v) => (v == null ? "–" : v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(v < 10 ? 2 : 1)} ms`);
-const layerRange = (l) => (l ? `${l[0]}-${l[1] - 1}` : "–");
+const layerRange = (l) => (l ? `${l[0]}-${l[1]}` : "–"); // inclusive [first, last]
 const clock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false });
 
 // ---- rendering ----------------------------------------------------------------------------
@@ -112,7 +112,7 @@ function render(s) {
   $("failures-note").textContent = ring ? `${failures} failure${failures === 1 ? "" : "s"}` : "no launcher front";
 
   const layers = s.nodes.length ? s.nodes[s.nodes.length - 1].layers : null;
-  $("ring-sub").textContent = `${s.nodes.length} node${s.nodes.length === 1 ? "" : "s"}` + (layers ? ` · ${layers[1]} layers` : "");
+  $("ring-sub").textContent = `${s.nodes.length} node${s.nodes.length === 1 ? "" : "s"}` + (layers ? ` · ${layers[1] + 1} layers` : "");
   drawRing(s.nodes, ok && t.tokens_per_second > 0, ok, t.hop_ms);
   drawChart(s.history);
   drawEvents(ring);
