@@ -157,23 +157,19 @@ def test_n_choices_are_independent_sequences(client, tool_model):
     assert greedy.usage.completion_tokens == 3 * len(
         tool_model_tokens(client, tool_model, greedy.choices[0].message.content)
     )
-    sampled = client.chat.completions.create(
-        model=tool_model.name,
-        messages=[{"role": "user", "content": "tell"}],
-        max_tokens=12,
-        temperature=1.5,
-        n=4,
-        seed=7,
-    )
-    again = client.chat.completions.create(
-        model=tool_model.name,
-        messages=[{"role": "user", "content": "tell"}],
-        max_tokens=12,
-        temperature=1.5,
-        n=4,
-        seed=7,
-    )
-    texts = [c.message.content for c in sampled.choices]
+
+    def sampled():
+        return client.chat.completions.create(
+            model=tool_model.name,
+            messages=[{"role": "user", "content": "tell"}],
+            max_tokens=12,
+            temperature=1.5,
+            n=4,
+            seed=7,
+        )
+
+    first, again = sampled(), sampled()
+    texts = [c.message.content for c in first.choices]
     assert texts == [c.message.content for c in again.choices]  # seed + i repeats
     assert len(set(texts)) > 1  # the choices differ
     streamed = client.chat.completions.create(

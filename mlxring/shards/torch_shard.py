@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from mlxring.model.facts import CheckpointError, ModelFacts
 from mlxring.model.weights import belongs, weight_map
 from mlxring.shards.torch_cache import LayerCaches, TorchKVCache, attention_mask, positions
+from mlxring.shards.torch_fuse import fuse
 from mlxring.shards.torch_sample import TorchSampler
 from mlxring.shards.torch_static import StaticDecoder
 
@@ -126,6 +127,7 @@ class TorchShard:
             kind: self.config.sliding_window if kind == "sliding_attention" else None
             for kind in sorted(set(self.types.values()))
         }
+        self.fused: dict[int, list] = {i: [] for i in self.layers}  # per layer, `fuse_layers`
         self.decoder = StaticDecoder(self)  # the decode mode: device's, or MLXRING_TORCH_DECODE
         self.sampler = TorchSampler(device) if is_head else None
 
@@ -180,8 +182,13 @@ class TorchShard:
             model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
         shard = cls(model, start, end, is_head, torch_device, torch_dtype)
         shard.load_weights(model_dir)
+        shard.fuse_layers()
         model.eval()
         return shard
+
+    def fuse_layers(self) -> None:
+        """q/k/v and gate/up of each local layer as one product each (`torch_fuse`)."""
+        self.fused = {i: fuse(layer) for i, layer in self.layers.items()}
 
     def checkpoint_name(self, name: str) -> str | None:
         """The model's name for checkpoint tensor `name`, or None if it is not this shard's."""
@@ -296,6 +303,8 @@ class TorchShard:
         h = x["h"]
         for i, layer in self.layers.items():
             h = layer(h, **inputs[self.types[i]])
+            for group in self.fused[i]:
+                group.forget()
         return {"h": h}
 
     def depart(self, x: dict) -> dict[str, mx.array]:
