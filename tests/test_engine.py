@@ -14,7 +14,7 @@ from mlx_lm.generate import generate_step
 
 from mlxring.cluster.config import EngineConfig
 from mlxring.crypto.link import IntegrityError
-from mlxring.engine.engine import Engine
+from mlxring.engine.engine import Engine, _Probe
 from mlxring.engine.handle import EngineBusy, RequestTooLarge, RingDown
 from mlxring.engine.local import LocalStages
 from mlxring.engine.request import SamplingParams, Sequence
@@ -96,14 +96,19 @@ class Recording(LocalStages):
     def __init__(self, shards):
         super().__init__(shards)
         self.ops: list[str] = []
-        self.in_flight: list[int] = []  # messages in flight when one more was sent
+        self.in_flight: list[int] = []  # steps in flight when one more step was sent
+        self.probes: list[int] = []  # probes in flight (this one too) when one was sent
         self.kv: list[int] = []  # the scheduler's KV tokens at each step
         self.live: list[int] = []
 
     def send(self, meta, tensors=None, micro_batch=0, layers=(0, 0)):
         self.ops.append(meta.get("op"))
         if self.engine is not None:
-            self.in_flight.append(len(self.engine.in_flight))
+            probes = sum(1 for p in self.engine.in_flight if isinstance(p, _Probe))
+            if meta.get("op") == "stats":
+                self.probes.append(probes + 1)
+            else:
+                self.in_flight.append(len(self.engine.in_flight) - probes)
             if meta.get("op") == "step":
                 self.kv.append(self.engine.scheduler.kv_tokens)
                 self.live.append(self.engine.scheduler.live)
@@ -148,7 +153,8 @@ def test_status_is_a_cached_snapshot_the_engine_refreshes(shards, tiny_llama):
         after = engine.stats(10)
         assert [s["sequences"] for s in after] == [[], []]
         assert [s["cache_bytes"] for s in after] == [0, 0]
-        assert all(n < engine.depth for n in stages.in_flight)  # never beyond the depth
+        assert all(n < engine.depth for n in stages.in_flight)  # steps: never beyond the depth
+        assert max(stages.probes) == 1  # and at most one probe besides them
     finally:
         engine.close()
     with pytest.raises(RingDown, match="closed"):
@@ -156,7 +162,9 @@ def test_status_is_a_cached_snapshot_the_engine_refreshes(shards, tiny_llama):
 
 
 @pytest.mark.parametrize("mode", ["pipelined", "lockstep"])
-def test_probes_stay_within_the_depth_and_outputs_equal_solo_runs(shards, tiny_llama, oracle, mode):
+def test_probes_ride_behind_the_steps_and_outputs_equal_solo_runs(shards, tiny_llama, oracle, mode):
+    """A probe takes no step's place (a long step would idle the head): steps fill the
+    depth, and at most one probe rides behind them."""
     stages = Recording([shards[1]])
     engine = engine_over(shards, tiny_llama, stages, mode=mode, max_batch=4)
     engine.status_interval = 0.0  # a probe as often as the pipeline lets one go
@@ -170,6 +178,7 @@ def test_probes_stay_within_the_depth_and_outputs_equal_solo_runs(shards, tiny_l
     assert [tokens(r) for r in results] == [oracle(p, 6) for p in ps]
     assert stages.ops.count("stats") > 3 and stages.ops.count("step") > 3
     assert max(stages.in_flight) == engine.depth - 1  # the pipeline filled, never beyond
+    assert max(stages.probes) == 1
     assert [s["sequences"] for s in stats] == [[], []]
 
 

@@ -12,8 +12,8 @@ head's own layers, sends each step round the ring, and when one comes back
 samples and streams the new tokens. Other threads talk to it through a command
 queue. Without a channel the head's shard is the whole model (a single node).
 
-About once a second the loop sends a stats probe round the ring in one of the
-`depth` slots (never beyond them) and keeps what comes back as `status()`; no
+About once a second the loop sends a stats probe round the ring behind the steps
+in flight (it takes none of the `depth` places) and keeps what comes back as `status()`; no
 caller waits on the ring for it.
 
 Limits: `submit` refuses with `EngineBusy` when `max_waiting` requests already
@@ -310,22 +310,26 @@ class Engine:
         return running and time.monotonic() - self._last_probe >= self.status_interval
 
     def _fill(self, running: bool) -> None:
-        """Launch steps and probes while fewer than `depth` are in flight. A due probe goes
-        when the scheduler has nothing to send (so the cleanup of finished requests goes
-        first), or once `depth` steps went ahead of it (so a busy ring still reports)."""
-        while len(self.in_flight) < self.depth:
+        """Launch steps while fewer than `depth` are in flight, and a probe when one is due.
+        A probe takes no step's place: it rides behind the steps in flight (with steps of
+        seconds, as long prefills on a CPU, holding a place would idle the head for one).
+        A due probe goes when the scheduler has nothing to send (so the cleanup of finished
+        requests goes first), or once `depth` steps went ahead of it (so a busy ring still
+        reports)."""
+        while True:
+            steps = sum(1 for p in self.in_flight if not isinstance(p, _Probe))
             wanted = self._probe_wanted(running)
             if not wanted or self._asked_seen != self._stats_asked:
                 self._probe_due_since = 0  # a new stats() request: cleanup goes first
                 self._asked_seen = self._stats_asked
             if wanted and self._probe_due_since >= self.depth:
                 self._send_probe()
-            elif step := self.scheduler.next_step():
-                if not self.in_flight or all(isinstance(p, _Probe) for p in self.in_flight):
+            elif steps < self.depth and (step := self.scheduler.next_step()):
+                if steps == 0:
                     self.last_progress = time.monotonic()  # time this step, not a stuck probe
                 self._launch(step)
                 self._probe_due_since += wanted
-            elif wanted:
+            elif wanted and steps < self.depth:
                 self._send_probe()
             else:
                 return
