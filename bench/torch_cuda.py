@@ -202,6 +202,7 @@ def main() -> None:
     roof = {
         "weight_bytes": shard.nbytes,
         "copy_gb_s": round(gb_s, 1),
+        "step_ms": round(shard.nbytes / (gb_s * 1e9) * 1e3, 3),  # each weight byte read once
         "tok_s_batch1": round(gb_s * 1e9 / shard.nbytes, 1),
     }
     say(f"roofline: {roof}")
@@ -267,8 +268,9 @@ def table(report: dict) -> str:
     roof = report["roofline"]
     lines = [
         f"device: {report['device']}",
-        f"roofline: {roof['weight_bytes'] / 1e9:.2f} GB of fp16 weights, copy "
-        f"{roof['copy_gb_s']} GB/s: {roof['tok_s_batch1']} tok/s at batch 1",
+        f"roofline: a step reads each of the {roof['weight_bytes'] / 1e9:.2f} GB of fp16 weights "
+        f"once; at the device copy's {roof['copy_gb_s']} GB/s (bytes read plus written) that "
+        f"takes {roof['step_ms']} ms: at most {roof['tok_s_batch1']} tok/s at batch 1",
         "",
         "| system | concurrency | aggregate tok/s | decode tok/s | per-request decode tok/s "
         "| of roofline | TTFT p50 ms | all rounds (aggregate) | warm-up s |",

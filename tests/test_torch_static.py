@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import random
+import shutil
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -22,6 +23,7 @@ from mlxring.engine.engine import Engine
 from mlxring.engine.request import SamplingParams
 from mlxring.jobs.workload import run_all
 from mlxring.shards import load_shard, torch_static
+from mlxring.shards.torch_fuse import FusedLinear, Part
 from mlxring.shards.torch_sample import TorchSampler
 from mlxring.shards.torch_static import resolve_mode
 from mlxring.tiny.make import make_tiny
@@ -156,6 +158,54 @@ def test_depart_makes_host_mx_arrays_in_the_node_dtype(tiny_llama):
     wire = shard.depart(out)
     assert isinstance(wire["h"], mx.array) and wire["h"].dtype == mx.float16
     assert (wire["h"].shape, wire["h"].tolist()) == (tuple(out["h"].shape), out["h"].tolist())
+
+
+# --- fused projections and the compiled step's own ops -------------------------------
+
+
+def test_fused_projections_keep_the_weights_and_answer_each_input(tiny_llama):
+    shard = torch_head(tiny_llama)
+    attn = shard.layers[1].self_attn
+    assert isinstance(attn.q_proj, Part) and isinstance(attn.qkv_proj, FusedLinear)
+    assert shard.fused[1] == [attn.qkv_proj, shard.layers[1].mlp.gate_up_proj]
+    total = sum(t.numel() for t in torch_weights(tiny_llama, shard).values())
+    assert shard.nbytes == total * 4, "fusing copied weights instead of replacing them"
+    x, y = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
+    want = torch.nn.functional.linear(y, attn.k_proj.weight)
+    attn.q_proj(x)  # remembered for x; k of another input is computed again
+    torch.testing.assert_close(attn.k_proj(y), want)
+    attn.qkv_proj.forget()
+    assert attn.qkv_proj.last is None
+
+
+def torch_weights(model_dir, shard) -> dict:
+    """The checkpoint's tensors that `shard` holds (layers 0-5 and the head)."""
+    from safetensors import safe_open
+
+    from mlxring.model.weights import weight_map
+
+    out = {}
+    for name, file in weight_map(model_dir).items():
+        if shard.checkpoint_name(name) is not None:
+            with safe_open(str(model_dir / file), framework="pt") as f:
+                out[name] = f.get_tensor(name)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="compiling on a CPU needs a C++ compiler")
+def test_the_compiled_step_computes_what_the_step_computes_op_by_op(tiny_llama):
+    """torch.compile traces the step with the fused projections' remembered products
+    (module state it must not get wrong): its logits are the uncompiled step's."""
+    shard = torch_head(tiny_llama)
+    caches = shard.make_cache()
+    shard(shard.embed(mx.array([PROMPT[:4]])), caches)
+    batch = [c.merge([c]) for c in caches]
+    shard(shard.embed(mx.array([[5]])), batch)  # into an arena
+    arena = batch[0].arena
+    want = shard.decoder.step(arena)["logits"]  # the step again: the same K/V writes
+    got = shard.decoder.step(arena, torch.compile(shard.decoder.forward, fullgraph=True))
+    torch.testing.assert_close(got["logits"], want, atol=1e-4, rtol=1e-4)
+    assert got["logits"].argmax(-1).tolist() == want.argmax(-1).tolist()
 
 
 # --- the sampler -----------------------------------------------------------------

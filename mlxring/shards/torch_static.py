@@ -36,6 +36,9 @@ MODES = ("eager", "static", "graphs", "compiled")
 GRAPHED = ("graphs", "compiled")
 MIN_CAPACITY = 256  # positions: capacities are powers of two from here
 FREE_ARENAS = 4  # arenas kept for reuse once no batch holds them
+# inductor's options for the compiled step: coordinate descent tunes each kernel's block
+# sizes (a batch-1 step on an H100: 1.85 -> 1.73 ms; compiling takes longer, bench/RESULTS.md)
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 def bucket(n: int, least: int = 1) -> int:
@@ -78,6 +81,7 @@ class Arena:
         self.inputs: dict[str, torch.Tensor] = {}
         self.signature: tuple | None = None  # the inputs' names, shapes and dtypes
         self.graph = None  # the captured step
+        self.graph_mode: str | None = None  # the mode that captured it
         self.outputs: dict[str, torch.Tensor] | None = None  # what the graph writes
         self.holders = 0  # layer caches in this arena
 
@@ -182,7 +186,7 @@ class StaticDecoder:
         arena = self.arena_for(x, cache, batch, length)
         arena.bind(x)
         arena.length.fill_(length)
-        if self.mode in GRAPHED and arena.graph is None:
+        if self.mode in GRAPHED and (arena.graph is None or arena.graph_mode != self.mode):
             self.capture(arena)
         if self.mode in GRAPHED:
             arena.graph.replay()
@@ -264,7 +268,7 @@ class StaticDecoder:
         if self.mode == "compiled":
             try:
                 if self.compiled is None:
-                    self.compiled = torch.compile(self.forward)
+                    self.compiled = torch.compile(self.forward, options=COMPILE_OPTIONS)
                 self.capture_with(arena, self.compiled)
                 return
             except Exception as e:  # compile or capture of the compiled step: go uncompiled
@@ -291,7 +295,7 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
             outputs = self.step(arena, forward)
-        arena.graph, arena.outputs = graph, outputs
+        arena.graph, arena.outputs, arena.graph_mode = graph, outputs, self.mode
 
     def recover(self) -> None:
         """After a failed capture: wait for the device; no arena keeps a graph of the
