@@ -31,6 +31,9 @@ class Absent(nn.Module):
 class MlxShard:
     """Layers [start, end) of a model; the head (`is_head`) also embeds and projects."""
 
+    # a decode group of one sequence may run on that sequence's own (non-batch) caches
+    single_caches = True
+
     def __init__(self, model: nn.Module, config: dict, start: int, end: int, is_head: bool):
         self.model = model
         self.args = model.args
