@@ -82,7 +82,12 @@ def test_a_tool_call_round_trip(client, tool_model):
 def test_a_streamed_tool_call_comes_whole_in_one_delta(client, tool_model):
     chunks = list(
         client.chat.completions.create(
-            model=tool_model.name, messages=ASK, tools=[WEATHER], max_tokens=64, stream=True
+            model=tool_model.name,
+            messages=ASK,
+            tools=[WEATHER],
+            max_tokens=64,
+            stream=True,
+            temperature=0,
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -154,9 +159,9 @@ def test_n_choices_are_independent_sequences(client, tool_model):
     )
     assert [c.index for c in greedy.choices] == [0, 1, 2]
     assert len({c.message.content for c in greedy.choices}) == 1
-    assert greedy.usage.completion_tokens == 3 * len(
-        tool_model_tokens(client, tool_model, greedy.choices[0].message.content)
-    )
+    # the greedy reply (the tool call's text) is longer than 8 tokens: 8 each
+    assert [c.finish_reason for c in greedy.choices] == ["length"] * 3
+    assert greedy.usage.completion_tokens == 3 * 8
 
     def sampled():
         return client.chat.completions.create(
@@ -180,10 +185,6 @@ def test_n_choices_are_independent_sequences(client, tool_model):
         for c in chunk.choices:
             by_index[c.index] = by_index.get(c.index, "") + (c.delta.content or "")
     assert by_index == {0: greedy.choices[0].message.content, 1: greedy.choices[0].message.content}
-
-
-def tool_model_tokens(client, tool_model, text: str) -> list[int]:
-    return load_tokenizer(tool_model).encode(text, add_special_tokens=False)
 
 
 def test_logit_bias_moves_the_greedy_choice(client, tool_model):
