@@ -69,6 +69,15 @@ def stop_launcher(proc: subprocess.Popen, grace: float = 15) -> None:
     proc.wait()
 
 
+def two_node_config(directory: Path, header: str, nodes=("head", "tail")) -> Path:
+    """`directory`/cluster.yaml: the `header` lines (name, api, batching) and two local
+    nodes of 8 GB named `nodes`."""
+    path = directory / "cluster.yaml"
+    lines = "".join(f"  - {{name: {n}, host: localhost, memory_gb: 8}}\n" for n in nodes)
+    path.write_text(f"{header}nodes:\n{lines}")
+    return path
+
+
 def launch_serving(config: Path, model: Path, *extra: str) -> subprocess.Popen:
     """`mlxring launch CONFIG --model MODEL` in its own process group, once it says it is
     serving (stdout a text pipe); stopped again if it ends before that. Its stderr is read

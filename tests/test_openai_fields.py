@@ -21,7 +21,7 @@ from mlxring.engine.request import SamplingParams
 from mlxring.model.tokenizer import encode_prompt, hidden_ids, load_tokenizer
 from mlxring.shards import load_shard
 from mlxring.tiny.make import make_tiny
-from tests.ringutil import free_port, launch_serving, stop_launcher
+from tests.ringutil import free_port, launch_serving, stop_launcher, two_node_config
 from tests.toolmodel import ANSWER, ARGUMENTS, QUESTION, RESULT, WEATHER, make_tool_model
 
 
@@ -33,12 +33,8 @@ def tool_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(tool_model, tmp_path_factory):
     port = free_port()
-    config = tmp_path_factory.mktemp("fields") / "cluster.yaml"
-    config.write_text(
-        f"name: fields\napi: {{port: {port}}}\nnodes:\n"
-        "  - {name: head, host: localhost, memory_gb: 8}\n"
-        "  - {name: tail, host: localhost, memory_gb: 8}\n"
-    )
+    header = f"name: fields\napi: {{port: {port}}}\n"
+    config = two_node_config(tmp_path_factory.mktemp("fields"), header)
     proc = launch_serving(config, tool_model)
     try:
         yield f"http://127.0.0.1:{port}"

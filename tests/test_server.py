@@ -25,6 +25,7 @@ from tests.ringutil import (
     free_port,
     launch_serving,
     stop_launcher,
+    two_node_config,
     wait_for_line,
 )
 
@@ -34,13 +35,11 @@ KEY = "test-key"
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
     port = free_port()
-    config = tmp_path_factory.mktemp("api") / "cluster.yaml"
-    config.write_text(
+    header = (
         f"name: api-ring\napi: {{port: {port}, api_keys: [{KEY}]}}\n"
-        "batching: {max_batch: 16, prefill_chunk: 16}\nnodes:\n"
-        "  - {name: head, host: localhost, memory_gb: 8}\n"
-        "  - {name: tail, host: localhost, memory_gb: 8}\n"
+        "batching: {max_batch: 16, prefill_chunk: 16}\n"
     )
+    config = two_node_config(tmp_path_factory.mktemp("api"), header)
     proc = launch_serving(config, tiny_llama, "--step-timeout", "4")
     try:
         yield proc, f"http://127.0.0.1:{port}"

@@ -21,7 +21,14 @@ from mlxring import cli
 from mlxring.cluster.supervise import RingState
 from mlxring.server import schemas
 from mlxring.server.status import HISTORY_S, Recent, RingWatch
-from tests.ringutil import children, cmdline, free_port, launch_serving, stop_launcher
+from tests.ringutil import (
+    children,
+    cmdline,
+    free_port,
+    launch_serving,
+    stop_launcher,
+    two_node_config,
+)
 
 KEY = "page-key-5e1f"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -45,13 +52,11 @@ SCREENSHOT_ENV = "MLXRING_STATUS_SCREENSHOT"  # also save the last screenshot he
 def ring(tiny_llama, tmp_path_factory):
     """`mlxring launch` of a 2-rank ring with an API key; (launcher, url)."""
     port = free_port()
-    config = tmp_path_factory.mktemp("page") / "cluster.yaml"
-    config.write_text(
+    header = (
         f"name: page-ring\napi: {{port: {port}, api_keys: [{KEY}]}}\n"
-        "batching: {step_timeout: 4}\nnodes:\n"
-        f"  - {{name: {NAMES[0]}, host: localhost, memory_gb: 8}}\n"
-        f"  - {{name: {NAMES[1]}, host: localhost, memory_gb: 8}}\n"
+        "batching: {step_timeout: 4}\n"
     )
+    config = two_node_config(tmp_path_factory.mktemp("page"), header, NAMES)
     proc = launch_serving(config, tiny_llama)
     try:
         threading.Thread(target=proc.stdout.read, daemon=True).start()

@@ -40,7 +40,7 @@ class Choice:
                 entry = self._entry(event.token, event.logprob, event.top_logprobs)
                 self.offsets.append(self.chars)  # the completions API's text_offset
                 entries.append(entry)
-        text = self.calls.feed(event.text) if self.chat else event.text
+        text = self.calls.feed(event.text)  # as it is, without tools (completions too)
         if event.finish_reason is not None:
             text += self.calls.finish()
             self.reason = "tool_calls" if self.calls.calls else finish(event.finish_reason)
@@ -101,13 +101,13 @@ class Choice:
             return {
                 "index": self.index,
                 "text": text,
-                "finish_reason": self.reason if done else None,
+                "finish_reason": self.reason,
                 "logprobs": self.logprobs(entries),
             }
         delta: dict = {"role": "assistant", "content": text}
         if done and self.calls.calls:
             delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(self.calls.calls)]
-        out = {"index": self.index, "delta": delta, "finish_reason": self.reason if done else None}
+        out = {"index": self.index, "delta": delta, "finish_reason": self.reason}
         if self.top is not None:
             out["logprobs"] = self.logprobs(entries)
         return out
