@@ -129,7 +129,12 @@ def test_logprobs_equal_mlx_lm_log_softmax(client, tool_model, oracle):
         model=tool_model.name, prompt=prompt, max_tokens=6, temperature=0, logprobs=3
     )
     chat = client.chat.completions.create(
-        model=tool_model.name, messages=ASK, max_tokens=5, logprobs=True, top_logprobs=4
+        model=tool_model.name,
+        messages=ASK,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=4,
     )
     tokens, rows = run(prompt, 6)
     got = reply.choices[0].logprobs
@@ -142,7 +147,9 @@ def test_logprobs_equal_mlx_lm_log_softmax(client, tool_model, oracle):
     chat_prompt = list(tokenizer.apply_chat_template(ASK, add_generation_prompt=True))
     tokens, rows = run(chat_prompt, 5)
     content = chat.choices[0].logprobs.content
+    assert len(content) == 5
     for entry, token, row in zip(content, tokens, rows):
+        assert entry.token == tokenizer.decode([token])
         assert abs(entry.logprob - row[token]) < 1e-4
         assert len(entry.top_logprobs) == 4
         assert abs(entry.top_logprobs[0].logprob - row.max()) < 1e-4
