@@ -246,3 +246,13 @@ def test_status_layers_are_inclusive_like_configs():
     assert [s["layers"] for s in up["stages"]] == [[0, 2], [3, 5]]
     down = RingWatch(RingState(), "m", facts).down()
     assert [n["layers_text"] for n in down["nodes"]] == ["0-2", "3-5"]
+
+
+def test_cache_home_is_an_absolute_path_under_home(monkeypatch, tmp_path):
+    from mlxring.cluster.gather import cache_home
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_home() == str(tmp_path / ".cache" / "mlxring")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_home() == str(tmp_path / "xdg" / "mlxring")

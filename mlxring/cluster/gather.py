@@ -260,4 +260,6 @@ def default_name() -> str:
 
 
 def cache_home() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "mlxring")
+    """Where shipped weights and manifests are kept: $XDG_CACHE_HOME/mlxring or ~/.cache/mlxring."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(root, "mlxring")
