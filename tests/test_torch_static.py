@@ -24,6 +24,7 @@ from mlxring.engine.request import SamplingParams
 from mlxring.jobs.workload import run_all
 from mlxring.shards import load_shard, torch_static
 from mlxring.shards.torch_fuse import FusedLinear, Part
+from mlxring.shards.torch_pack import PACK_ENV, PackedLinear, packable
 from mlxring.shards.torch_sample import TorchSampler
 from mlxring.shards.torch_static import resolve_mode
 from mlxring.tiny.make import make_tiny
@@ -163,7 +164,8 @@ def test_depart_makes_host_mx_arrays_in_the_node_dtype(tiny_llama):
 # --- fused projections and the compiled step's own ops -------------------------------
 
 
-def test_fused_projections_keep_the_weights_and_answer_each_input(tiny_llama):
+def test_fused_projections_keep_the_weights_and_answer_each_input(tiny_llama, monkeypatch):
+    monkeypatch.setenv(PACK_ENV, "0")  # dense weights, to compute each projection alone
     shard = torch_head(tiny_llama)
     attn = shard.layers[1].self_attn
     assert isinstance(attn.q_proj, Part) and isinstance(attn.qkv_proj, FusedLinear)
@@ -176,6 +178,26 @@ def test_fused_projections_keep_the_weights_and_answer_each_input(tiny_llama):
     torch.testing.assert_close(attn.k_proj(y), want)
     attn.qkv_proj.forget()
     assert attn.qkv_proj.last is None
+
+
+def test_packed_linears_compute_what_dense_ones_do(tiny_llama, monkeypatch):
+    """On a CPU in float32 every linear of a layer gets a oneDNN-packed weight (the fused
+    groups' too); the dense weights are gone, and prefill and decode logits match."""
+    packed = torch_head(tiny_llama, mode=None)
+    monkeypatch.setenv(PACK_ENV, "0")
+    dense = torch_head(tiny_llama, mode=None)
+    attn = packed.layers[1].self_attn
+    assert isinstance(attn.o_proj, PackedLinear) and isinstance(attn.qkv_proj.linear, PackedLinear)
+    assert attn.k_proj.weight.shape == dense.layers[1].self_attn.k_proj.weight.shape
+    assert packed.nbytes == dense.nbytes
+    caches = packed.make_cache(), dense.make_cache()
+    for tokens in (PROMPT[:4], [5], [9]):  # a prefill, then two decode steps
+        x = dense.embed(mx.array([tokens]))
+        got, want = packed(x, caches[0])["h"], dense(x, caches[1])["h"]
+        got, want = packed.head_logits(got), dense.head_logits(want)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+    assert not packable(torch.device("cpu"), torch.float16)
 
 
 def torch_weights(model_dir, shard) -> dict:
@@ -193,9 +215,12 @@ def torch_weights(model_dir, shard) -> dict:
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="compiling on a CPU needs a C++ compiler")
-def test_the_compiled_step_computes_what_the_step_computes_op_by_op(tiny_llama):
+def test_the_compiled_step_computes_what_the_step_computes_op_by_op(tiny_llama, monkeypatch):
     """torch.compile traces the step with the fused projections' remembered products
-    (module state it must not get wrong): its logits are the uncompiled step's."""
+    (module state it must not get wrong): its logits are the uncompiled step's. Compiling
+    is CUDA's mode, where weights stay dense: so here too (inductor does not lower
+    eager-packed CPU weights)."""
+    monkeypatch.setenv(PACK_ENV, "0")
     shard = torch_head(tiny_llama)
     caches = shard.make_cache()
     shard(shard.embed(mx.array([PROMPT[:4]])), caches)

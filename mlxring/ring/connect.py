@@ -33,10 +33,10 @@ def join_ring(backend: str, cluster: str, key_file: str | None) -> tuple[int, Ch
     if not (os.environ.get(MLX_HOSTFILE) or os.environ.get(JACCL_COORDINATOR)):
         return 0, None
     group = mx.distributed.init(backend=backend, strict=True)
+    transport = RingTransport(group)  # reads the hostfile to find its left links: first
     for path in os.environ.get(TEMP_FILES_ENV, "").split():
         with contextlib.suppress(OSError):
             os.unlink(path)
-    transport = RingTransport(group)
     if os.environ.get(NO_CRYPTO_ENV) == "1":
         print(f"{NO_CRYPTO_ENV}=1: hops are NOT encrypted (benchmarks only)", file=sys.stderr)
         return group.rank(), Channel(transport)

@@ -15,28 +15,39 @@ layer that projects different inputs still gets its own (computed again).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class FusedLinear(nn.Module):
-    """The linears of a group stacked into one weight [sum of outputs, inputs]."""
+    """The linears of a group stacked into one `linear` [sum of outputs, inputs] (an
+    nn.Linear, or on a CPU its packed form, `mlxring.shards.torch_pack`)."""
 
     def __init__(self, linears: list[nn.Linear]):
         super().__init__()
+        first = linears[0]
+        self.linear = nn.Linear(
+            first.in_features,
+            sum(m.out_features for m in linears),
+            bias=first.bias is not None,
+            device="meta",
+        )
         weight = torch.cat([m.weight.detach() for m in linears])
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        biases = [m.bias for m in linears]
-        bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.linear.weight = nn.Parameter(weight, requires_grad=False)
+        if first.bias is not None:
+            bias = torch.cat([m.bias.detach() for m in linears])
+            self.linear.bias = nn.Parameter(bias, requires_grad=False)
         self.sizes = [m.out_features for m in linears]
         self.last: tuple | None = None  # (the input, its parts) until `forget`
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.last is None or self.last[0] is not x:
-            self.last = (x, F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+            self.last = (x, self.linear(x).split(self.sizes, dim=-1))
         return self.last[1]
 
     def forget(self) -> None:

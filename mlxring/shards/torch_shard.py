@@ -34,6 +34,7 @@ from mlxring.model.facts import CheckpointError, ModelFacts
 from mlxring.model.weights import belongs, weight_map
 from mlxring.shards.torch_cache import LayerCaches, TorchKVCache, attention_mask, positions
 from mlxring.shards.torch_fuse import fuse
+from mlxring.shards.torch_pack import PackedLinear, pack, packable
 from mlxring.shards.torch_sample import TorchSampler
 from mlxring.shards.torch_static import StaticDecoder
 
@@ -183,12 +184,19 @@ class TorchShard:
         shard = cls(model, start, end, is_head, torch_device, torch_dtype)
         shard.load_weights(model_dir)
         shard.fuse_layers()
+        if packable(torch_device, torch_dtype):
+            shard.pack_layers()
         model.eval()
         return shard
 
     def fuse_layers(self) -> None:
         """q/k/v and gate/up of each local layer as one product each (`torch_fuse`)."""
         self.fused = {i: fuse(layer) for i, layer in self.layers.items()}
+
+    def pack_layers(self) -> None:
+        """The local layers' linears with weights packed for a CPU (`torch_pack`)."""
+        for layer in self.layers.values():
+            pack(layer)
 
     def checkpoint_name(self, name: str) -> str | None:
         """The model's name for checkpoint tensor `name`, or None if it is not this shard's."""
@@ -246,7 +254,8 @@ class TorchShard:
     @property
     def nbytes(self) -> int:
         """Bytes of the weights this shard holds."""
-        return sum(p.nbytes for p in self.model.parameters())
+        packed = sum(m.nbytes for m in self.model.modules() if isinstance(m, PackedLinear))
+        return packed + sum(p.nbytes for p in self.model.parameters())
 
     # the shard contract -----------------------------------------------------
     def arrive(self, x: dict) -> dict[str, torch.Tensor]:
