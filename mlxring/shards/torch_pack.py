@@ -17,7 +17,9 @@ Packing applies to float32 weights on a CPU whose torch has oneDNN; anything els
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import torch
 from torch import nn
@@ -32,9 +34,29 @@ def packable(device: torch.device, dtype: torch.dtype) -> bool:
     return (
         device.type == "cpu"
         and dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
         and os.environ.get(PACK_ENV, "1") != "0"
+        and _packs_here()
     )
+
+
+@functools.cache
+def _packs_here() -> bool:
+    """This torch packs and multiplies a weight (a build without oneDNN, or a oneDNN
+    without these ops on this CPU, keeps nn.Linear; said once on stderr)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        linear = nn.Linear(8, 8, bias=False)
+        x = torch.ones(2, 8)
+        got = PackedLinear(linear)(x)
+        ok = torch.allclose(got, linear(x).detach(), atol=1e-5)
+    except RuntimeError as e:
+        ok, why = False, str(e).splitlines()[0]
+    else:
+        why = "its products differ from torch's own"
+    if not ok:
+        print(f"mlxring: torch linears stay unpacked ({why})", file=sys.stderr)
+    return ok
 
 
 class PackedLinear(nn.Module):
