@@ -7,11 +7,10 @@ import argparse
 import math
 from pathlib import Path
 
+from mlxring.engine.limits import SEED_LIMIT
 from mlxring.errors import UserError
 from mlxring.model.facts import ModelFacts
 from mlxring.server.access import LOG_LEVELS
-
-SEED_LIMIT = 2**64  # seeds are unsigned 64-bit (mx.random.key's range)
 
 
 def add_log_level(parser: argparse.ArgumentParser, info: str) -> None:

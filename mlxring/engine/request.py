@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from mlxring.engine.limits import SEED_LIMIT
+
 _ids = itertools.count(1)
-SEED_LIMIT = 2**64  # seeds are unsigned 64-bit (mx.random.key's range)
 
 
 @dataclass

@@ -17,12 +17,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
+from mlxring.engine.limits import SEED_LIMIT
+
 MAX_STOPS = 4  # as OpenAI
 MAX_CHOICES = 16  # n: each choice is one more sequence in the batch
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its completions API: 5)
 MAX_BIAS = 100  # logit_bias values, as OpenAI
 MAX_STOP_CHARS = 256
-SEED_LIMIT = 2**64
 
 
 def _whole_unicode(s: str) -> str:
