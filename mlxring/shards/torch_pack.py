@@ -3,10 +3,10 @@
 A decode step's products have a few rows (the batch) against a large weight. torch's
 default CPU path for `F.linear` (MKL's GEMM) handles such a skinny product at about
 half the speed of oneDNN's (mkldnn's) inner-product kernel working on a weight
-reordered once into its blocked layout: 16 products of a Llama layer's shapes (hidden
-768), one thread, batch 4, 15 -> 7.5 ms; batch 8, 20 -> 10 ms; batch 1 about the same
-(bench/RESULTS.md). torch's own compiler emits the same op (`mkldnn._linear_pointwise`)
-for frozen CPU models; here it is used eagerly.
+reordered once into its blocked layout: 16 products of 4 Llama layers (hidden 768),
+one thread, batch 4, about 19 -> 8 ms; batch 8, 23 -> 12 ms; batch 1 about the same
+(`python bench/cpu_linear.py`, bench/RESULTS.md). torch's own compiler emits the same
+op (`mkldnn._linear_pointwise`) for frozen CPU models; here it is used eagerly.
 
 `pack(layer)` replaces every `nn.Linear` in a decoder layer (the fused groups' ones
 included) by a `PackedLinear`. The dense weight is dropped (memory does not grow); the
